@@ -1,0 +1,239 @@
+"""Orbax checkpoints with self-describing JSON meta.
+
+Layout: `<workdir>/checkpoints/<step>/{weights,opt_state,meta}`.
+  weights:   {'theta': trainable tree, 'model_state': other collections (batch_stats)}
+  opt_state: the optimizer state (absent for transform outputs)
+  meta:      JSON: model, parameterization, data (name, num_classes, input
+             shape/dtype), step, metrics, provenance, versions, config.
+
+`load(path)` rebuilds the model and abstract shapes from meta alone
+(`jax.eval_shape`) and restores onto the requested shardings, so a checkpoint
+written on 8 devices loads on 1 and vice versa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxlab import build, trees
+
+CKPT_SUBDIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, unreadable or incompatible."""
+
+
+def checkpoint_dir(path: str) -> str:
+  """Accepts a workdir or its `checkpoints` folder; returns the latter (absolute)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.basename(path.rstrip("/")) != CKPT_SUBDIR and os.path.isdir(os.path.join(path, CKPT_SUBDIR)):
+    path = os.path.join(path, CKPT_SUBDIR)
+  return path
+
+
+def _versions() -> dict:
+  import importlib.metadata as md
+  out = {}
+  for pkg in ("jaxlab", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
+def code_version() -> str:
+  """Git commit of the jaxlab source tree if available, else the package version."""
+  import subprocess
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, timeout=5)
+    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=5)
+    if rev.returncode == 0:
+      return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return _versions().get("jaxlab", "unknown")
+
+
+def versions() -> dict:
+  return {**_versions(), "code": code_version()}
+
+
+class Manager:
+  """Thin facade over `ocp.CheckpointManager` for one workdir."""
+
+  def __init__(self, workdir: str, max_to_keep: int | None = 2, create: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), CKPT_SUBDIR)
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
+        item_names=("weights", "opt_state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, weights: dict, meta: dict, opt_state: Any = None, wait: bool = False):
+    items = {"weights": ocp.args.StandardSave(weights), "meta": ocp.args.JsonSave(meta)}
+    if opt_state is not None:
+      items["opt_state"] = ocp.args.StandardSave(opt_state)
+    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    if wait:
+      self.wait()
+
+  def restore(self, step: int, weights_target: Any, opt_target: Any = None) -> dict:
+    items = {"weights": ocp.args.StandardRestore(weights_target), "meta": ocp.args.JsonRestore()}
+    if opt_target is not None:
+      items["opt_state"] = ocp.args.StandardRestore(opt_target)
+    return dict(self._mngr.restore(step, args=ocp.args.Composite(**items)).items())
+
+  def wait(self):
+    self._mngr.wait_until_finished()
+
+  def close(self):
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def _steps_in(cdir: str) -> list[int]:
+  if not os.path.isdir(cdir):
+    return []
+  return sorted(int(d) for d in os.listdir(cdir)
+                if d.isdigit() and os.path.isdir(os.path.join(cdir, d, "meta")))
+
+
+def resolve(path: str, step: int | None = None) -> tuple[str, int]:
+  """(checkpoints dir, step) for a workdir/checkpoint path; latest step by default.
+
+  Raises:
+    CheckpointError: when there is no checkpoint there.
+  """
+  cdir = checkpoint_dir(path)
+  steps = _steps_in(cdir)
+  if not steps:
+    raise CheckpointError(f"{path}: no jaxlab checkpoint found (expected {cdir}/<step>/meta); "
+                          "check the path or train a model there first")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f"{path}: no checkpoint at step {step}; available steps: {steps}")
+  return cdir, step
+
+
+def load_meta(path: str, step: int | None = None) -> dict:
+  """Reads only the JSON meta of a checkpoint."""
+  cdir, step = resolve(path, step)
+  meta_dir = os.path.join(cdir, str(step), "meta")
+  files = [f for f in os.listdir(meta_dir) if not f.startswith("_")]
+  if not files:
+    raise CheckpointError(f"{meta_dir}: meta is empty")
+  with open(os.path.join(meta_dir, files[0])) as f:
+    return json.load(f)
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A checkpoint loaded from its meta alone."""
+  path: str
+  step: int
+  meta: dict
+  theta: Any
+  model_state: dict
+  module: Any
+  parameterization: Any
+
+  @property
+  def params(self):
+    """The materialized model params."""
+    return self.parameterization.materialize(self.theta)
+
+  def variables(self) -> dict:
+    return {"params": self.params, **self.model_state}
+
+  def apply(self, x, train: bool = False, **kw):
+    return self.module.apply(self.variables(), x, train=train, **kw)
+
+
+def abstract_weights(meta: dict, sharding=None) -> dict:
+  """ShapeDtypeStruct tree of `{'theta', 'model_state'}` rebuilt from meta alone."""
+  data = meta["data"]
+  module = build.model(meta["model"], data["num_classes"])
+  param = build.parameterization(meta.get("parameterization"), meta["model"])
+  variables = build.abstract_variables(module, tuple(data["input_shape"]), data.get("input_dtype", "float32"))
+  params = variables.pop("params")
+  theta = jax.eval_shape(lambda p: param.init(jax.random.key(0), p), params)
+  tree = {"theta": theta}
+  if variables:
+    tree["model_state"] = variables
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if not isinstance(sharding, dict):
+    tree = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+  return tree
+
+
+def load(path: str, step: int | None = None, sharding=None) -> Loaded:
+  """Loads a checkpoint's weights and rebuilds its model from meta alone.
+
+  Raises:
+    CheckpointError: missing checkpoint, or weights that do not fit the model in meta.
+  """
+  cdir, step = resolve(path, step)
+  meta = load_meta(path, step)
+  try:
+    target = abstract_weights(meta, sharding)
+  except Exception as e:
+    raise CheckpointError(f"{path}: cannot rebuild the model from its meta ({e})") from e
+  mngr = ocp.CheckpointManager(cdir, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+                               item_names=("weights", "opt_state", "meta"))
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(weights=ocp.args.StandardRestore(target)))
+  except Exception as e:
+    raise CheckpointError(f"{path} (step {step}): weights do not match the model its meta describes "
+                          f"({str(e).splitlines()[0][:300]})") from e
+  finally:
+    mngr.close()
+  weights = restored["weights"]
+  module = build.model(meta["model"], meta["data"]["num_classes"])
+  param = build.parameterization(meta.get("parameterization"), meta["model"])
+  return Loaded(path=os.path.dirname(cdir) if cdir.endswith(CKPT_SUBDIR) else cdir, step=step, meta=meta,
+                theta=weights["theta"], model_state=dict(weights.get("model_state", {})),
+                module=module, parameterization=param)
+
+
+def content_hash(tree) -> str:
+  """sha256 over leaf names, shapes, dtypes and bytes (first 16 hex digits)."""
+  h = hashlib.sha256()
+  for name, leaf in trees.flatten(tree).items():
+    arr = np.asarray(leaf)
+    h.update(name.encode())
+    h.update(str(arr.shape).encode())
+    h.update(str(arr.dtype).encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+  return h.hexdigest()[:16]
+
+
+def save_weights(workdir: str, step: int, theta, meta: dict, model_state: dict | None = None):
+  """Writes a weights-only checkpoint (e.g. a transform's output) and waits for it."""
+  weights = {"theta": theta}
+  if model_state:
+    weights["model_state"] = model_state
+  mngr = Manager(workdir, max_to_keep=None)
+  try:
+    mngr.save(step, weights, meta, wait=True)
+  finally:
+    mngr.close()

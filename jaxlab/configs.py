@@ -1,0 +1,80 @@
+"""The base training config every experiment config starts from.
+
+Every key is documented here; experiment configs in `ml_collections_configs/`
+override what they need. Durations: exactly one of `total_steps` and
+`total_epochs` is non-zero.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = "train"              # train | transform | evaluate | pipeline
+  c.seed = 0                   # model init, data order, dropout
+  c.total_steps = 0            # training length in steps ...
+  c.total_epochs = 0.0         # ... or in epochs of the train split
+  c.log_every = 50             # train metrics (JSONL, TensorBoard, progress bar)
+  c.eval_every = 0             # eval on eval_splits[0] every N steps (0 = only at the end)
+  c.checkpoint_every = 0       # checkpoint every N steps (0 = only at the end)
+  c.keep_checkpoints = 2       # checkpoints kept in <workdir>/checkpoints
+  c.eval_splits = ("validation",)
+  c.final_eval_splits = ("test",)
+  c.progress = True            # tqdm progress bar
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "vit"         # see jaxlab.models.names()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"       # see jaxlab.data.names()
+  c.data.batch_size = 64       # global batch (divisible by the device count)
+  c.data.eval_batch_size = 256
+  c.data.aug_shift = 0         # random shift in pixels (images)
+  c.data.aug_noise = 0.0       # Gaussian pixel noise std (images)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"   # adamw | sgd
+  c.optimizer.lr = 1e-3
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.momentum = 0.9   # sgd only
+  c.optimizer.warmup_steps = 0
+  c.optimizer.schedule = "cosine"  # cosine | linear | constant
+  c.optimizer.min_lr_ratio = 0.0
+  c.optimizer.grad_clip = 1.0  # global-norm clipping, 0 = off
+  c.optimizer.lr_rules = ()    # ((regex, lr multiplier), ...), first match wins
+  c.optimizer.no_decay = (r".*bias", r".*norm[^/]*/scale", r".*pos_embed", r".*cls_token")
+  c.optimizer.frozen = ()      # regexes of parameters never updated
+
+  c.parameterization = ml_collections.ConfigDict()
+  c.parameterization.name = "identity"
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.weights = ml_collections.ConfigDict({"cross_entropy": 1.0})
+  c.objective.label_smoothing = 0.0
+  c.objective.teacher = ""     # checkpoint (workdir) of a frozen teacher
+  c.objective.temperature = 1.0
+  c.objective.distill_normalize = "batch"  # batch | numel (DeiT legacy)
+  c.objective.prepare = ""     # batch preparer (e.g. masking) before the forward pass
+  c.objective.eval = "classification"
+
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.path = ""        # checkpoint to initialise from (resume takes precedence)
+  c.init_from.transform = ""   # optional transform applied to it first
+  c.init_from.args = ml_collections.ConfigDict()
+  c.init_from.dont_load = ()   # regexes of leaves kept at their fresh init (e.g. head)
+
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.num_devices = 0   # 0 = all devices
+  c.sharding.fsdp = ()         # ((regex, axis), ...) parameters sharded over devices
+  return c
+
+
+def vit_digits_model() -> ml_collections.ConfigDict:
+  """The default digits ViT: 2x2 patches of the 8x8 images, width 64, depth 4."""
+  return ml_collections.ConfigDict(dict(
+      name="vit", patch_size=2, width=64, depth=4, num_heads=4, mlp_dim=128, pool="gap",
+      final_norm="tokens", dropout=0.0, attn_dropout=0.0, drop_path=0.1, ln_eps=1e-6))

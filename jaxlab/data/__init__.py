@@ -1,0 +1,6 @@
+"""Data sets: importing this package registers every built-in data set."""
+
+from jaxlab.data import digits, tfds_source  # noqa: F401  (register built-ins)
+from jaxlab.data.base import ArraySource, Dataset, get_dataset, image_augment, names, register
+
+__all__ = ["ArraySource", "Dataset", "get_dataset", "image_augment", "names", "register"]

@@ -1,0 +1,170 @@
+"""The data layer: a registry of named data sets, each a set of random-access splits.
+
+Every data set, built in (digits, generated sequence tasks) or from tfds, is a
+`Dataset` whose splits are random-access sources (`len`, `source[int]` -> dict
+of numpy arrays). Batches are read by index, which makes training exactly
+resumable: the batch of step `s` depends only on `(seed, s)`.
+
+Batch dicts hold `inputs` and `label`, and eval batches also `mask` (1 for
+real examples, 0 for padding) so metrics are exact over the whole split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+_BUILDERS: dict[str, Callable[..., Dataset]] = {}
+
+
+def register(name: str):
+  """Decorator registering a data set builder `fn(data_cfg) -> Dataset` under `name`."""
+  def wrap(fn):
+    _BUILDERS[name] = fn
+    return fn
+  return wrap
+
+
+def names() -> list[str]:
+  return sorted(_BUILDERS)
+
+
+class ArraySource:
+  """Random-access source over in-memory arrays with a shared leading axis."""
+
+  def __init__(self, arrays: Mapping[str, np.ndarray]):
+    self.arrays = dict(arrays)
+    sizes = {len(v) for v in self.arrays.values()}
+    if len(sizes) != 1:
+      raise ValueError(f"arrays of different lengths: { {k: len(v) for k, v in self.arrays.items()} }")
+    self._n = sizes.pop()
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i):
+    return {k: v[i] for k, v in self.arrays.items()}
+
+  def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[indices] for k, v in self.arrays.items()}
+
+
+def _take(source, indices: np.ndarray) -> dict[str, np.ndarray]:
+  if hasattr(source, "take"):
+    return source.take(indices)
+  rows = [source[int(i)] for i in indices]
+  return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+
+
+@dataclasses.dataclass
+class Dataset:
+  """A named data set.
+
+  Attributes:
+    name: registry name.
+    num_classes: number of classes (or vocabulary size for token targets).
+    splits: `{split_name: source}`; the training split is `train`.
+    input_shape: shape of one example's `inputs` (for model initialisation).
+    input_dtype: dtype of `inputs`.
+    augment: optional `fn(batch, rng) -> batch` applied to training batches.
+    info: extra JSON-able facts recorded in checkpoint meta.
+  """
+  name: str
+  num_classes: int
+  splits: dict[str, Any]
+  input_shape: tuple[int, ...]
+  input_dtype: Any = np.float32
+  augment: Callable[[dict, np.random.Generator], dict] | None = None
+  info: dict = dataclasses.field(default_factory=dict)
+
+  def split(self, name: str):
+    if name not in self.splits:
+      raise ValueError(f"data set {self.name!r} has no split {name!r}; splits: {sorted(self.splits)}")
+    return self.splits[name]
+
+  def num_examples(self, split: str = "train") -> int:
+    return len(self.split(split))
+
+  def sample_batch(self, batch_size: int = 2) -> dict[str, np.ndarray]:
+    return _take(self.split("train"), np.arange(min(batch_size, self.num_examples())))
+
+  def train_indices(self, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """Global indices of the batch at `step`: a fresh permutation each epoch, remainder dropped."""
+    n = self.num_examples("train")
+    if batch_size > n:
+      raise ValueError(f"data.batch_size={batch_size} exceeds the {n} training examples of {self.name!r}")
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+  def train_batch(self, step: int, batch_size: int, seed: int, *, process_index: int = 0,
+                  process_count: int = 1, split: str = "train") -> dict[str, np.ndarray]:
+    """This process's part of the global training batch of `step` (augmented)."""
+    idx = self.train_indices(step, batch_size, seed)
+    local = batch_size // process_count
+    idx = idx[process_index * local:(process_index + 1) * local]
+    batch = _take(self.split(split), idx)
+    if self.augment is not None:
+      rng = np.random.default_rng([seed, step, 1, process_index])
+      batch = self.augment(batch, rng)
+    return batch
+
+  def train_iterator(self, start_step: int, batch_size: int, seed: int, **kw) -> Iterator[dict]:
+    step = start_step
+    while True:
+      yield self.train_batch(step, batch_size, seed, **kw)
+      step += 1
+
+  def eval_batches(self, split: str, batch_size: int, *, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of `split` once, in order, the last batch padded with `mask` = 0."""
+    source = self.split(split)
+    n = len(source)
+    for start in range(0, n, batch_size):
+      idx = np.arange(start, start + batch_size)
+      mask = (idx < n).astype(np.float32)
+      idx = np.minimum(idx, n - 1)
+      local = batch_size // process_count
+      sl = slice(process_index * local, (process_index + 1) * local)
+      batch = _take(source, idx[sl])
+      batch["mask"] = mask[sl]
+      yield batch
+
+
+def get_dataset(data_cfg) -> Dataset:
+  """Builds the data set named by `data_cfg.name`.
+
+  Raises:
+    ValueError: for an unknown name, listing the known ones.
+  """
+  name = data_cfg.get("name")
+  if name not in _BUILDERS:
+    raise ValueError(f"config.data.name: unknown data set {name!r}; known: {', '.join(names())}")
+  return _BUILDERS[name](data_cfg)
+
+
+def image_augment(shift: int = 0, noise: float = 0.0, flip: bool = False):
+  """Light augmentation for [B, H, W, C] float images: random shifts (zero pad), noise, flips."""
+  if not (shift or noise or flip):
+    return None
+
+  def augment(batch, rng: np.random.Generator):
+    x = batch["inputs"]
+    if shift:
+      b, h, w = x.shape[:3]
+      padded = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+      dy = rng.integers(0, 2 * shift + 1, size=b)
+      dx = rng.integers(0, 2 * shift + 1, size=b)
+      x = np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    if flip:
+      flips = rng.random(x.shape[0]) < 0.5
+      x = np.where(flips[:, None, None, None], x[:, :, ::-1], x)
+    if noise:
+      x = x + noise * rng.standard_normal(x.shape).astype(x.dtype)
+    return {**batch, "inputs": x.astype(np.float32)}
+
+  return augment

@@ -1,0 +1,43 @@
+"""scikit-learn's handwritten digits (1797 real 8x8 images, 10 classes), offline.
+
+The split is fixed and documented: a permutation of all 1797 images with
+`np.random.default_rng(0)`, then the first 360 are `test`, the next 180
+`validation`, the next 180 `heldout` (for model selection, e.g. greedy soups)
+and the remaining 1077 `train`. Pixels (0..16) are scaled to [0, 1] and the
+images are [8, 8, 1] float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxlab.data import base
+
+SPLIT_SIZES = {"test": 360, "validation": 180, "heldout": 180}
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """All 1797 digits as ([N, 8, 8, 1] float32 in [0, 1], [N] int32 labels)."""
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  x = (d.images.astype(np.float32) / 16.0)[..., None]
+  return x, d.target.astype(np.int32)
+
+
+def split_indices(n: int) -> dict[str, np.ndarray]:
+  perm = np.random.default_rng(0).permutation(n)
+  out, start = {}, 0
+  for name, size in SPLIT_SIZES.items():
+    out[name] = perm[start:start + size]
+    start += size
+  out["train"] = perm[start:]
+  return out
+
+
+@base.register("digits")
+def build(cfg) -> base.Dataset:
+  x, y = load_digits_arrays()
+  splits = {k: base.ArraySource({"inputs": x[i], "label": y[i]}) for k, i in split_indices(len(x)).items()}
+  aug = base.image_augment(shift=cfg.get("aug_shift", 0), noise=cfg.get("aug_noise", 0.0))
+  return base.Dataset(name="digits", num_classes=10, splits=splits, input_shape=(8, 8, 1),
+                      augment=aug, info={"split_sizes": {k: len(v) for k, v in splits.items()}})

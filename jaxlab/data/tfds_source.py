@@ -1,0 +1,64 @@
+"""Named tensorflow-datasets sets through `tfds.data_source` (ArrayRecord) and grain.
+
+`data.name = 'tfds'`, `data.tfds_name = 'mnist'`, `data.data_dir` (optional),
+`data.split_map` mapping jaxlab split names to tfds split strings (for example
+`{'train': 'train[:90%]', 'heldout': 'train[90%:]', 'test': 'test'}`). No
+TensorFlow is needed at run time; preparing a data set once needs the `tf`
+extra (`pip install -e '.[tf]'` then `tfds build <name>`).
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from jaxlab.data import base
+
+
+class _GrainSource:
+  """Random access into a tfds data source, decoded through a grain MapDataset."""
+
+  def __init__(self, source, image_key: str, label_key: str):
+    self._ds = grain.MapDataset.source(source).map(
+        lambda ex: {"inputs": (np.asarray(ex[image_key], np.float32) / 255.0),
+                    "label": np.asarray(ex[label_key], np.int32)})
+    self._n = len(source)
+
+  def __len__(self):
+    return self._n
+
+  def __getitem__(self, i):
+    return self._ds[int(i)]
+
+
+@base.register("tfds")
+def build(cfg) -> base.Dataset:
+  import tensorflow_datasets as tfds
+  name = cfg.get("tfds_name")
+  if not name:
+    raise ValueError("config.data.tfds_name: set the tfds data set name (for example 'mnist')")
+  split_map = dict(cfg.get("split_map") or {"train": "train", "test": "test"})
+  try:
+    builder = tfds.builder(name, data_dir=cfg.get("data_dir") or None)
+  except Exception as e:  # unknown name
+    raise ValueError(f"config.data.tfds_name: unknown tfds data set {name!r} ({e})") from e
+  if not builder.is_prepared() and not _is_mocked():
+    raise FileNotFoundError(
+        f"tfds data set {name!r} is not prepared in {builder.data_dir}: run "
+        f"`pip install -e '.[tf]' && tfds build {name}` (or set config.data.data_dir)")
+  splits = {}
+  for ours, theirs in split_map.items():
+    src = tfds.data_source(name, split=theirs, data_dir=cfg.get("data_dir") or None)
+    splits[ours] = _GrainSource(src, cfg.get("image_key", "image"), cfg.get("label_key", "label"))
+  info = builder.info
+  num_classes = info.features[cfg.get("label_key", "label")].num_classes
+  shape = tuple(info.features[cfg.get("image_key", "image")].shape)
+  aug = base.image_augment(shift=cfg.get("aug_shift", 0), noise=cfg.get("aug_noise", 0.0),
+                           flip=cfg.get("aug_flip", False))
+  return base.Dataset(name=f"tfds:{name}", num_classes=num_classes, splits=splits,
+                      input_shape=shape, augment=aug, info={"tfds_name": name, "split_map": split_map})
+
+
+def _is_mocked() -> bool:
+  import tensorflow_datasets as tfds
+  return "mock" in type(tfds.data_source).__name__.lower() or hasattr(tfds.data_source, "mock")

@@ -1,0 +1,109 @@
+"""Entry point: `python -m jaxlab.main --config=<file.py>[:arg] --workdir=<dir> [--config.k=v ...]`.
+
+`config.job` picks the job: `train` (default), `transform` (offline checkpoint
+transform), `evaluate` (a checkpoint on a split), `pipeline` (a method's
+multi-stage experiment). main only parses flags, records the resolved config,
+overrides and package versions in the workdir, and calls the library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+
+
+def _check_writable(workdir: str) -> bool:
+  """Creates `workdir` if needed; returns whether it existed before. Raises a clear error."""
+  existed = os.path.isdir(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"--workdir={workdir} is not writable ({e.strerror}); choose another directory") from e
+  return existed
+
+
+def record_run(config, workdir: str, argv: list[str]) -> None:
+  """Writes config.json, overrides.txt and versions.json into the workdir."""
+  from jaxlab import checkpoint
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  overrides = [a for a in argv if a.startswith("--config.")]
+  with open(os.path.join(workdir, "overrides.txt"), "w") as f:
+    f.write("\n".join(overrides) + ("\n" if overrides else ""))
+  with open(os.path.join(workdir, "versions.json"), "w") as f:
+    json.dump(checkpoint.versions(), f, indent=2)
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the job that `config.job` names. Library entry point shared with tests and colabs."""
+  job = config.get("job", "train")
+  if job == "train":
+    from jaxlab import train
+    return train.train_and_evaluate(config, workdir)
+  if job == "transform":
+    from jaxlab.transforms import engine
+    return engine.run(config, workdir)
+  if job == "evaluate":
+    from jaxlab import evaluate
+    return evaluate.run(config, workdir)
+  if job == "pipeline":
+    from jaxlab import pipelines
+    return pipelines.get(config.pipeline)(config, workdir)
+  raise ValueError(f"config.job: unknown job {job!r}; use train, transform, evaluate or pipeline")
+
+
+def _summary_line(result: dict) -> str:
+  if "test_accuracy" in result and result["test_accuracy"] is not None:
+    return (f"done: test accuracy {result['test_accuracy']:.4f}, params {result.get('params', 0):,}, "
+            f"wall time {result.get('wall_s', 0.0):.1f}s, workdir {result.get('workdir')}")
+  keys = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+  return "done: " + ", ".join(f"{k}={v}" for k, v in keys.items())
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  from jaxlab import checkpoint
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if config is None:
+    raise app.UsageError("--config is required (for example ml_collections_configs/digits_vit.py)")
+  if not workdir:
+    raise app.UsageError("--workdir is required")
+  existed = False
+  try:
+    existed = _check_writable(workdir)
+    record_run(config, workdir, sys.argv)
+    result = run(config, workdir)
+  except (ValueError, FileNotFoundError, PermissionError, checkpoint.CheckpointError,
+          FloatingPointError, KeyError) as e:
+    # Nothing half-written: a new workdir without any checkpoint is removed again.
+    ckpts = os.path.join(workdir, checkpoint.CKPT_SUBDIR)
+    if not existed and os.path.isdir(workdir) and not (os.path.isdir(ckpts) and os.listdir(ckpts)):
+      shutil.rmtree(workdir, ignore_errors=True)
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"error: {msg}", file=sys.stderr)
+    logging.debug("full error", exc_info=True)
+    sys.exit(2)
+  print(_summary_line(result), flush=True)
+
+
+def entry():
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  entry()
