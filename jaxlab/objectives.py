@@ -65,7 +65,17 @@ def register_eval(name: str):
   return wrap
 
 
+def _import_builtins():
+  import importlib
+  import pkgutil
+
+  import jaxlab.losses as pkg
+  for mod in pkgutil.iter_modules(pkg.__path__):
+    importlib.import_module(f"jaxlab.losses.{mod.name}")
+
+
 def active_terms(cfg) -> dict[str, float]:
+  _import_builtins()
   weights = dict(cfg.get("weights", {"cross_entropy": 1.0}))
   unknown = [k for k in weights if k not in _TERMS]
   if unknown:
@@ -81,6 +91,7 @@ def needs(cfg) -> set[str]:
 
 
 def get_preparer(cfg):
+  _import_builtins()
   name = cfg.get("prepare", "")
   if not name:
     return None
@@ -90,6 +101,7 @@ def get_preparer(cfg):
 
 
 def get_eval(cfg):
+  _import_builtins()
   name = cfg.get("eval", "classification")
   if name not in _EVALS:
     raise ValueError(f"config.objective.eval: unknown eval {name!r}; known: {sorted(_EVALS)}")
