@@ -27,8 +27,13 @@ def dummy_input(input_shape, input_dtype, batch: int = 1):
 
 
 def init_variables(module, rng, input_shape, input_dtype=np.float32) -> dict:
-  """Initialises all variables (`params`, `batch_stats`, ...) of `module`, eval mode."""
-  variables = module.init({"params": rng, "dropout": rng}, dummy_input(input_shape, input_dtype), train=False)
+  """Initialises all variables (`params`, `batch_stats`, ...) of `module`, eval mode.
+
+  Jit-compiled as one program: run eagerly, every initializer op is compiled on its own
+  (about a hundred small XLA compilations for a ViT, most of a short run's wall time on a CPU).
+  """
+  x = dummy_input(input_shape, input_dtype)
+  variables = jax.jit(lambda r: module.init({"params": r, "dropout": r}, x, train=False))(rng)
   variables = dict(variables)
   variables.pop("intermediates", None)
   return variables

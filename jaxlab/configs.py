@@ -33,6 +33,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 256
   c.data.aug_shift = 0         # random shift in pixels (images)
   c.data.aug_noise = 0.0       # Gaussian pixel noise std (images)
+  c.data.tfds_name = ""        # data.name='tfds': the tfds data set (prepared with `tfds build <name>`)
+  c.data.data_dir = ""         # data.name='tfds': tfds data_dir ('' = tfds default)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"   # adamw | sgd
@@ -77,4 +79,4 @@ def vit_digits_model() -> ml_collections.ConfigDict:
   """The default digits ViT: 2x2 patches of the 8x8 images, width 64, depth 4."""
   return ml_collections.ConfigDict(dict(
       name="vit", patch_size=2, width=64, depth=4, num_heads=4, mlp_dim=128, pool="gap",
-      final_norm="tokens", dropout=0.0, attn_dropout=0.0, drop_path=0.1, ln_eps=1e-6))
+      final_norm="tokens", dropout=0.0, attn_dropout=0.0, drop_path=0.0, ln_eps=1e-6))

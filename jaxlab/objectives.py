@@ -152,12 +152,20 @@ def soft_distill(ctx: Context, cfg) -> jax.Array:
 
 @register_term("feature_mse", needs=("teacher", "features"))
 def feature_mse(ctx: Context, cfg) -> jax.Array:
-  """Mean squared error of every block's output against the frozen teacher's."""
+  """Mean squared error of every block's output against the frozen teacher's.
+
+  The features may be an array or the model's whole `intermediates` tree (e.g.
+  `{'blocks': {'features': ([L, B, T, D],)}}`); the MSE is averaged per leaf,
+  then over leaves.
+  """
   del cfg
-  s, t = ctx.features, jax.lax.stop_gradient(ctx.teacher_features)
-  if s.shape != t.shape:
-    raise ValueError(f"feature_mse: student features {s.shape} and teacher features {t.shape} differ")
-  return jnp.mean((s.astype(jnp.float32) - t.astype(jnp.float32)) ** 2)
+  s_leaves = jax.tree.leaves(ctx.features)
+  t_leaves = jax.tree.leaves(jax.lax.stop_gradient(ctx.teacher_features))
+  s_shapes, t_shapes = [x.shape for x in s_leaves], [x.shape for x in t_leaves]
+  if not s_leaves or s_shapes != t_shapes:
+    raise ValueError(f"feature_mse: student features {s_shapes} and teacher features {t_shapes} differ")
+  return sum(jnp.mean((s.astype(jnp.float32) - t.astype(jnp.float32)) ** 2)
+             for s, t in zip(s_leaves, t_leaves, strict=True)) / len(s_leaves)
 
 
 @register_eval("classification")

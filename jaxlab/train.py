@@ -100,7 +100,7 @@ def make_train_step(module, param, tx, obj_cfg, teacher=None):
     rng = jax.random.fold_in(base_rng, state["step"])
     (loss, (new_model_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["theta"], state["model_state"], batch, rng)
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, new_opt = tx.update(grads, state["opt_state"], state["theta"])
     new_theta = optax.apply_updates(state["theta"], updates)
@@ -117,8 +117,12 @@ def make_train_step(module, param, tx, obj_cfg, teacher=None):
   return step
 
 
-def make_eval_step(module, eval_fn):
+def make_eval_step(module, eval_fn, preparer=None, obj_cfg=None):
+  """Returns `step(params, model_state, batch) -> metric sums`; `preparer` (e.g. masking for a denoising
+  eval) is applied first with a fixed key, so eval masks are the same on every call."""
   def step(params, model_state, batch):
+    if preparer is not None:
+      batch = preparer(batch, jax.random.key(0), obj_cfg)
     logits, _, _ = _apply(module, params, model_state, batch["inputs"], train=False)
     return eval_fn(logits, batch)
   return step
@@ -314,7 +318,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   obj_cfg = config.get("objective") or {}
   train_step = jax.jit(make_train_step(module, param, tx, obj_cfg, teacher), donate_argnums=(0,))
   eval_fn = objectives.get_eval(obj_cfg)
-  eval_step = jax.jit(make_eval_step(module, eval_fn))
+  eval_prep = objectives.get_preparer(obj_cfg) if obj_cfg.get("eval_prepare", False) else None
+  eval_step = jax.jit(make_eval_step(module, eval_fn, eval_prep, obj_cfg))
   materialize = jax.jit(param.materialize)
   eval_bs = int(config.data.get("eval_batch_size", 256))
   eval_splits = tuple(config.get("eval_splits", ("validation",)))
@@ -388,7 +393,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   final_splits = tuple(dict.fromkeys(eval_splits + tuple(config.get("final_eval_splits", ("test",)))))
   results = run_eval(final_splits, total) if total > 0 else {}
   flat = {f"{s}/{k}": v for s, m in results.items() for k, v in m.items()}
-  _save(mngr, state, config, dataset, total, flat, provenance)
+  if total not in mngr.all_steps():  # a finished run started again only re-evaluates
+    _save(mngr, state, config, dataset, total, flat, provenance)
   mngr.close()
   writer.close()
   summary = {

@@ -144,7 +144,14 @@ def get_dataset(data_cfg) -> Dataset:
   name = data_cfg.get("name")
   if name not in _BUILDERS:
     raise ValueError(f"config.data.name: unknown data set {name!r}; known: {', '.join(names())}")
-  return _BUILDERS[name](data_cfg)
+  dataset = _BUILDERS[name](data_cfg)
+  train_split = data_cfg.get("train_split") or "train"
+  if train_split != "train":  # e.g. a learned soup trains its mixing weights on 'heldout'
+    if train_split not in dataset.splits:
+      raise ValueError(f"config.data.train_split: data set {name!r} has no split {train_split!r}; "
+                       f"splits: {sorted(dataset.splits)}")
+    dataset.splits = {**dataset.splits, "train": dataset.splits[train_split]}
+  return dataset
 
 
 def image_augment(shift: int = 0, noise: float = 0.0, flip: bool = False):

@@ -5,6 +5,11 @@ The split is fixed and documented: a permutation of all 1797 images with
 `validation`, the next 180 `heldout` (for model selection, e.g. greedy soups)
 and the remaining 1077 `train`. Pixels (0..16) are scaled to [0, 1] and the
 images are [8, 8, 1] float32.
+
+`test_shift` is a distribution-shifted copy of `test` (same 360 images and
+labels): each image is rotated by a random angle in [-SHIFT_MAX_DEGREES,
+SHIFT_MAX_DEGREES], blurred (Gaussian, sigma SHIFT_BLUR) and given Gaussian
+pixel noise (std SHIFT_NOISE), clipped to [0, 1]; deterministic (seed 0).
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import numpy as np
 from jaxlab.data import base
 
 SPLIT_SIZES = {"test": 360, "validation": 180, "heldout": 180}
+SHIFT_MAX_DEGREES = 20.0
+SHIFT_BLUR = 0.6
+SHIFT_NOISE = 0.15
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -34,10 +42,23 @@ def split_indices(n: int) -> dict[str, np.ndarray]:
   return out
 
 
+def shift_images(x: np.ndarray, seed: int = 0) -> np.ndarray:
+  """Distribution shift of [N, 8, 8, 1] images: random rotation, Gaussian blur, pixel noise (deterministic)."""
+  from scipy import ndimage
+  rng = np.random.default_rng(seed)
+  angles = rng.uniform(-SHIFT_MAX_DEGREES, SHIFT_MAX_DEGREES, size=len(x))
+  out = np.stack([ndimage.gaussian_filter(ndimage.rotate(img[..., 0], a, reshape=False, order=1, mode="constant"),
+                                          SHIFT_BLUR) for img, a in zip(x, angles, strict=True)])[..., None]
+  out = out + SHIFT_NOISE * rng.standard_normal(out.shape)
+  return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
 @base.register("digits")
 def build(cfg) -> base.Dataset:
   x, y = load_digits_arrays()
   splits = {k: base.ArraySource({"inputs": x[i], "label": y[i]}) for k, i in split_indices(len(x)).items()}
+  test = splits["test"].arrays
+  splits["test_shift"] = base.ArraySource({"inputs": shift_images(test["inputs"]), "label": test["label"]})
   aug = base.image_augment(shift=cfg.get("aug_shift", 0), noise=cfg.get("aug_noise", 0.0))
   return base.Dataset(name="digits", num_classes=10, splits=splits, input_shape=(8, 8, 1),
                       augment=aug, info={"split_sizes": {k: len(v) for k, v in splits.items()}})

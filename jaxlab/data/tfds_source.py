@@ -1,8 +1,8 @@
 """Named tensorflow-datasets sets through `tfds.data_source` (ArrayRecord) and grain.
 
 `data.name = 'tfds'`, `data.tfds_name = 'mnist'`, `data.data_dir` (optional),
-`data.split_map` mapping jaxlab split names to tfds split strings (for example
-`{'train': 'train[:90%]', 'heldout': 'train[90%:]', 'test': 'test'}`). No
+`data.split_map` mapping jaxlab split names to tfds split strings (default:
+validation = first 5% of train, heldout = next 5%, train = the rest, test = test). No
 TensorFlow is needed at run time; preparing a data set once needs the `tf`
 extra (`pip install -e '.[tf]'` then `tfds build <name>`).
 """
@@ -13,6 +13,9 @@ import grain
 import numpy as np
 
 from jaxlab.data import base
+
+
+DEFAULT_SPLITS = {"train": "train[10%:]", "validation": "train[:5%]", "heldout": "train[5%:10%]", "test": "test"}
 
 
 class _GrainSource:
@@ -37,18 +40,19 @@ def build(cfg) -> base.Dataset:
   name = cfg.get("tfds_name")
   if not name:
     raise ValueError("config.data.tfds_name: set the tfds data set name (for example 'mnist')")
-  split_map = dict(cfg.get("split_map") or {"train": "train", "test": "test"})
+  split_map = dict(cfg.get("split_map") or DEFAULT_SPLITS)
   try:
     builder = tfds.builder(name, data_dir=cfg.get("data_dir") or None)
   except Exception as e:  # unknown name
     raise ValueError(f"config.data.tfds_name: unknown tfds data set {name!r} ({e})") from e
-  if not builder.is_prepared() and not _is_mocked():
-    raise FileNotFoundError(
-        f"tfds data set {name!r} is not prepared in {builder.data_dir}: run "
-        f"`pip install -e '.[tf]' && tfds build {name}` (or set config.data.data_dir)")
   splits = {}
   for ours, theirs in split_map.items():
-    src = tfds.data_source(name, split=theirs, data_dir=cfg.get("data_dir") or None)
+    try:
+      src = tfds.data_source(name, split=theirs, data_dir=cfg.get("data_dir") or None)
+    except Exception as e:  # not prepared (tfds raises AssertionError / FileNotFoundError variants)
+      raise FileNotFoundError(
+          f"tfds data set {name!r} (split {theirs!r}) is not prepared in {builder.data_dir}: run "
+          f"`pip install -e '.[tf]' && tfds build {name}` (or set config.data.data_dir)") from e
     splits[ours] = _GrainSource(src, cfg.get("image_key", "image"), cfg.get("label_key", "label"))
   info = builder.info
   num_classes = info.features[cfg.get("label_key", "label")].num_classes
@@ -58,7 +62,3 @@ def build(cfg) -> base.Dataset:
   return base.Dataset(name=f"tfds:{name}", num_classes=num_classes, splits=splits,
                       input_shape=shape, augment=aug, info={"tfds_name": name, "split_map": split_map})
 
-
-def _is_mocked() -> bool:
-  import tensorflow_datasets as tfds
-  return "mock" in type(tfds.data_source).__name__.lower() or hasattr(tfds.data_source, "mock")

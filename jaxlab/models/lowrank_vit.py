@@ -1,0 +1,185 @@
+"""A low-rank ViT for PELA: the dense ViT with selected Dense layers factorized into two factors.
+
+The model is `jaxlab.models.vit.ViT` itself with a different `dense_factory`, so
+nothing of the ViT is copied. A factorized layer computes `y = (x @ u) @ v + bias`:
+the first factor `u` [d_in, r] has no bias, the second `v` [r, d_out] carries the
+original bias (the official PELA convention, `nn.Sequential(Linear(d_in, r,
+bias=False), Linear(r, d_out))`).
+
+Parameter paths (every block leaf has a leading depth axis of size `depth`); a
+layer matched by `keep_dense` keeps the dense ViT's `{kernel, bias}` instead:
+
+    blocks/attn/qkv/{u [L, D, r_qkv], v [L, r_qkv, 3D], bias [L, 3D]}
+    blocks/attn/proj/{u [L, D, r_proj], v [L, r_proj, D], bias [L, D]}
+    blocks/mlp/fc1/{u [L, D, r_fc1], v [L, r_fc1, M], bias [L, M]}
+    blocks/mlp/fc2/{u [L, M, r_fc2], v [L, r_fc2, D], bias [L, D]}
+    everything else exactly as in `jaxlab/models/vit.py` (patch_embed, cls_token,
+    pos_embed, blocks/norm1, blocks/norm2, norm, head)
+
+Rank rule (official `DeiT/low_rank.py`): `r = floor(d_in * d_out / (ratio * (d_in + d_out)))`,
+so each factorized weight has about `1 / ratio` of the dense weight's entries.
+It is capped at `min(d_in, d_out)` (full rank, exact), and `rank > 0` overrides
+the rule for every factorized layer.
+
+Model config keys (on top of the `vit` keys): `ratio` (float > 0, default 2.0),
+`rank` (int, 0 = use the ratio rule), `keep_dense` (regexes over the layer paths
+`blocks/attn/qkv`, `blocks/attn/proj`, `blocks/mlp/fc1`, `blocks/mlp/fc2`, `head`,
+`patch_embed`, first match wins, `re.fullmatch` as everywhere in jaxlab). The
+head, patch embedding and norms are never factorized in this ViT (the head and
+the convolutional patch embedding are built outside `dense_factory`), which is
+what the default `keep_dense` says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlab import trees
+from jaxlab.models import registry, vit
+
+# Local Dense names inside the ViT block -> full layer path used by `keep_dense`.
+LAYER_PATHS = {
+    "qkv": "blocks/attn/qkv",
+    "proj": "blocks/attn/proj",
+    "fc1": "blocks/mlp/fc1",
+    "fc2": "blocks/mlp/fc2",
+}
+DEFAULT_KEEP_DENSE = ("head", "patch_embed", ".*norm.*")
+
+
+def rank_for(d_in: int, d_out: int, ratio: float, rank: int = 0) -> int:
+  """The PELA rank of a `d_in -> d_out` layer: `floor(d_in d_out / (ratio (d_in + d_out)))`, capped at full rank.
+
+  Args:
+    d_in: input features.
+    d_out: output features.
+    ratio: compression ratio of the layer's weight (> 0).
+    rank: explicit rank overriding the rule when > 0.
+
+  Returns:
+    The rank, at least 1 and at most `min(d_in, d_out)`.
+
+  Raises:
+    ValueError: for a non-positive ratio or a rule that gives rank 0.
+  """
+  if rank and rank > 0:
+    return int(min(rank, d_in, d_out))
+  if not ratio or ratio <= 0:
+    raise ValueError(f"model.ratio must be > 0 (got {ratio!r})")
+  r = math.floor(d_in * d_out / (ratio * (d_in + d_out)))
+  if r < 1:
+    raise ValueError(f"model.ratio={ratio}: a {d_in}->{d_out} layer would get rank 0; lower the ratio "
+                     "or keep the layer dense (model.keep_dense)")
+  return int(min(r, d_in, d_out))
+
+
+def _factor_init(rank: int, std: float = 0.02):
+  """Init for a factor so that the product `u @ v` has entries of std about `std` (like the dense init)."""
+  return nn.initializers.truncated_normal(stddev=math.sqrt(std / math.sqrt(rank)))
+
+
+class LowRankDense(nn.Module):
+  """`y = (x @ u) @ v + bias` with `u` [d_in, r] and `v` [r, features]; `r` from `rank_for`."""
+  features: int
+  ratio: float = 2.0
+  rank: int = 0
+  use_bias: bool = True
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    d_in = x.shape[-1]
+    r = rank_for(d_in, self.features, self.ratio, self.rank)
+    u = self.param("u", _factor_init(r), (d_in, r))
+    v = self.param("v", _factor_init(r), (r, self.features))
+    b = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+    x, u, v, b = nn.dtypes.promote_dtype(x, u, v, b, dtype=self.dtype)
+    y = jnp.dot(jnp.dot(x, u), v)
+    return y + b if b is not None else y
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankFactory:
+  """A ViT `dense_factory`: factorized Dense for the block layers not matched by `keep_dense`."""
+  ratio: float = 2.0
+  rank: int = 0
+  keep_dense: tuple[str, ...] = DEFAULT_KEEP_DENSE
+
+  def factorized(self, name: str) -> bool:
+    """Whether the Dense layer with local name `name` is factorized."""
+    path = LAYER_PATHS.get(name, name)
+    return trees.first_match(path, self.keep_dense) is None
+
+  def __call__(self, features: int, name: str, use_bias: bool = True, dtype=None) -> nn.Module:
+    if not self.factorized(name):
+      return vit.dense(features, name, use_bias=use_bias, dtype=dtype)
+    return LowRankDense(features, self.ratio, self.rank, use_bias, dtype, name=name)
+
+
+def split_config(cfg) -> tuple[dict, LowRankFactory]:
+  """Splits a `lowrank_vit` model config into the plain `vit` config and the factory.
+
+  Raises:
+    ValueError: for a bad ratio, rank or keep_dense.
+  """
+  kw = dict(cfg)
+  ratio = kw.pop("ratio", None)
+  ratio = 2.0 if ratio is None else float(ratio)
+  rank = int(kw.pop("rank", 0) or 0)
+  keep = kw.pop("keep_dense", DEFAULT_KEEP_DENSE)
+  if keep is None:
+    keep = DEFAULT_KEEP_DENSE
+  if isinstance(keep, str):
+    keep = tuple(p for p in keep.split(",") if p)
+  keep = tuple(str(p) for p in keep)
+  if ratio <= 0:
+    raise ValueError(f"config.model.ratio must be > 0, got {ratio}")
+  if rank < 0:
+    raise ValueError(f"config.model.rank must be >= 0 (0 = ratio rule), got {rank}")
+  kw["name"] = "vit"
+  return kw, LowRankFactory(ratio=ratio, rank=rank, keep_dense=keep)
+
+
+@registry.register("lowrank_vit")
+def build_lowrank_vit(cfg, num_classes: int) -> vit.ViT:
+  """Builds the ViT of `cfg` (all `vit` keys) with factorized Dense layers (`ratio`, `rank`, `keep_dense`)."""
+  vit_cfg, factory = split_config(cfg)
+  return vit.build_vit(vit_cfg, num_classes).clone(dense_factory=factory)
+
+
+def layer_ranks(model_cfg) -> dict[str, int]:
+  """Rank of each factorized layer path of a `lowrank_vit` config (from its shapes, no weights).
+
+  Args:
+    model_cfg: a `lowrank_vit` model config (needs `width`/`mlp_dim` or `size`).
+
+  Returns:
+    `{layer path: rank}` for the factorized layers.
+  """
+  vit_cfg, factory = split_config(model_cfg)
+  size = vit_cfg.get("size")
+  width, mlp = vit_cfg.get("width"), vit_cfg.get("mlp_dim")
+  if size:
+    w, _, _, m = vit.SIZES[size]
+    width, mlp = width or w, mlp or m
+  shapes = {"qkv": (width, 3 * width), "proj": (width, width), "fc1": (width, mlp), "fc2": (mlp, width)}
+  return {LAYER_PATHS[n]: rank_for(a, b, factory.ratio, factory.rank) for n, (a, b) in shapes.items()
+          if factory.factorized(n)}
+
+
+def abstract_params(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> dict:
+  """ShapeDtypeStruct tree of a model's params via `jax.eval_shape` (allocates no weights)."""
+  from jaxlab import build
+  module = build.model(model_cfg, num_classes)
+  return build.abstract_variables(module, tuple(input_shape))["params"]
+
+
+def count_params(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> int:
+  """Number of parameters of a model config, computed from shapes only."""
+  return int(sum(math.prod(s.shape) for s in jax.tree.leaves(abstract_params(model_cfg, num_classes, input_shape))))

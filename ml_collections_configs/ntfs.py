@@ -1,0 +1,77 @@
+"""Never Train from Scratch: S4D and Transformer, from scratch vs self-pretrained, matched budget, 3 seeds.
+
+    python -m jaxlab.main --config=ml_collections_configs/ntfs.py --workdir=runs/ntfs
+    python -m jaxlab.main --config=ml_collections_configs/ntfs.py:smoke --workdir=runs/ntfs_smoke
+
+Arguments after `:`: `smoke` (one seed, a few steps, tiny data; under a minute on a CPU).
+Every task is generated offline (jaxlab/data/sequences.py). Each model trains
+`pretrain_steps + finetune_steps` steps from scratch, or pretrains on the
+task's own training inputs for `pretrain_steps` and fine-tunes for
+`finetune_steps` (see jaxlab/pipelines/ntfs.py and docs/ntfs.md).
+"""
+
+import ml_collections
+
+from jaxlab import configs
+
+
+def get_config(arg: str | None = None):
+  c = configs.base()
+  c.job = "pipeline"
+  c.pipeline = "ntfs"
+  c.data.batch_size = 32
+  c.data.eval_batch_size = 500
+  c.optimizer.lr = 3e-3
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.warmup_steps = 20
+  c.optimizer.grad_clip = 1.0
+  c.log_every = 50
+  c.progress = False
+
+  n = c.ntfs = ml_collections.ConfigDict()
+  n.tasks = ("listops", "seq_digits")
+  n.models = ("s4d_seq", "transformer_seq")
+  n.seeds = (0, 1, 2)
+  n.pretrain_steps = 250
+  n.finetune_steps = 250
+  n.objective = "denoise"         # denoise (bidirectional models) | causal (next element; causal models)
+  n.pixel_loss = "l1"             # l1 | ce (256-way cross entropy on grey levels)
+  n.mask_rate = ml_collections.ConfigDict({"listops": 0.10, "seq_digits": 0.5, "pathfinder": 0.5})
+  n.ssm_lr = 1e-3                 # S4D's A, dt, B: own learning rate, no weight decay
+  n.pretrain_lr = 0.0             # 0 = optimizer.lr
+  n.finetune_lr = 0.0             # 0 = optimizer.lr
+  n.plot = True
+  n.data = ml_collections.ConfigDict({
+      "listops": ml_collections.ConfigDict(dict(name="listops", max_length=128, min_length=32, max_depth=10,
+                                                max_args=10, seed=0, train_size=2000, validation_size=200,
+                                                test_size=500, heldout_size=0)),
+      "seq_digits": ml_collections.ConfigDict(dict(name="seq_digits", upsample=1)),
+      "pathfinder": ml_collections.ConfigDict(dict(name="pathfinder", image_size=16, seed=0, train_size=2000,
+                                                   validation_size=200, test_size=500, heldout_size=0)),
+  })
+  common = dict(d_model=64, n_layers=2, dropout=0.0, prenorm=True, norm="layer", pool="mean", causal=False)
+  n.model = ml_collections.ConfigDict({
+      "s4d_seq": ml_collections.ConfigDict(dict(**common, d_state=64, init="lin", disc="zoh")),
+      "transformer_seq": ml_collections.ConfigDict(dict(**common, num_heads=4, mlp_dim=128, max_len=0)),
+  })
+  if arg == "smoke":
+    n.seeds = (0,)
+    n.pretrain_steps = 3
+    n.finetune_steps = 3
+    n.data.listops.max_length = 48
+    n.data.listops.min_length = 8
+    n.data.listops.train_size = 64
+    n.data.listops.validation_size = 32
+    n.data.listops.test_size = 32
+    c.data.batch_size = 16
+    c.data.eval_batch_size = 64
+    for m in n.model.values():
+      m.d_model = 16
+      m.n_layers = 1
+    n.model.s4d_seq.d_state = 8
+    n.model.transformer_seq.mlp_dim = 32
+    c.optimizer.warmup_steps = 1
+    c.log_every = 3
+  elif arg:
+    raise ValueError(f"ntfs.py: unknown config argument {arg!r}; use 'smoke' or nothing")
+  return c

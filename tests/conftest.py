@@ -1,0 +1,52 @@
+"""Shared test helpers: tiny configs, a jax cache dir, subprocess runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(steps: int = 4, **over):
+  """A tiny digits ViT config that trains in a second or two."""
+  from jaxlab import configs
+  c = configs.base()
+  c.model = configs.vit_digits_model()
+  c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 16, 2, 2, 32
+  c.model.patch_size = 4
+  c.model.drop_path = 0.1
+  c.data.batch_size = 32
+  c.total_steps = steps
+  c.log_every = 2
+  c.progress = False
+  c.optimizer.warmup_steps = 1
+  for k, v in over.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+  """Runs `code` in a fresh interpreter (e.g. with fake devices); returns the process."""
+  env = dict(os.environ, **(env_extra or {}))
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                        timeout=timeout)
+
+
+def run_main(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "jaxlab.main", *args], capture_output=True, text=True, env=env,
+                        cwd=ROOT, timeout=timeout)
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config

@@ -1,0 +1,61 @@
+"""The entry point: overrides, recorded config, one-line errors with non-zero exit and nothing half-written."""
+
+import json
+import os
+
+import pytest
+from conftest import run_main
+
+SMOKE = "ml_collections_configs/digits_vit.py:smoke"
+
+
+def _assert_one_line_error(proc, *fragments):
+  assert proc.returncode != 0, proc.stdout + proc.stderr
+  err_lines = [line for line in proc.stderr.splitlines() if line.startswith(("error:", "FATAL Flags parsing error"))]
+  assert err_lines, proc.stderr[-2000:]
+  for frag in fragments:
+    assert frag in err_lines[0], err_lines[0]
+
+
+def test_smoke_run_records_config_and_overrides(tmp_path):
+  wd = tmp_path / "run"
+  proc = run_main(f"--config={SMOKE}", f"--workdir={wd}", "--config.optimizer.lr=0.003", "--config.model.depth=1",
+                  "--config.progress=False")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "done: test accuracy" in proc.stdout
+  cfg = json.load(open(wd / "config.json"))
+  assert cfg["optimizer"]["lr"] == 0.003 and cfg["model"]["depth"] == 1
+  assert open(wd / "overrides.txt").read().split() == ["--config.optimizer.lr=0.003", "--config.model.depth=1",
+                                                       "--config.progress=False"]
+  assert "jax" in json.load(open(wd / "versions.json"))
+  # a second start of the same command finds the final checkpoint and does not train again
+  again = run_main(f"--config={SMOKE}", f"--workdir={wd}", "--config.optimizer.lr=0.003", "--config.model.depth=1",
+                   "--config.progress=False")
+  assert again.returncode == 0 and "done: test accuracy" in again.stdout
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--config=ml_collections_configs/nope.py"], ["nope.py"]),
+    ([f"--config={SMOKE}", "--config.optimizer.lrr=1"], ["lrr"]),
+    ([f"--config={SMOKE}", "--config.model.name=resnet9000"], ["config.model.name", "resnet9000"]),
+    ([f"--config={SMOKE}", "--config.data.name=imagenet_v9"], ["config.data.name", "imagenet_v9"]),
+    ([f"--config={SMOKE}", "--config.data.name=tfds", "--config.data.tfds_name=mnist",
+      "--config.data.data_dir=/nonexistent_tfds_dir"], ["tfds build mnist"]),
+])
+def test_bad_input_one_line_error_and_nothing_written(tmp_path, args, fragments):
+  wd = tmp_path / "out"
+  proc = run_main(*args, f"--workdir={wd}")
+  _assert_one_line_error(proc, *fragments)
+  assert not wd.exists()
+
+
+def test_unwritable_workdir(tmp_path):
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  os.chmod(ro, 0o500)
+  if os.access(ro, os.W_OK):  # running as root: permissions do not bind
+    target = "/proc/jaxlab_cannot_write_here"
+  else:
+    target = str(ro / "sub")
+  proc = run_main(f"--config={SMOKE}", f"--workdir={target}")
+  _assert_one_line_error(proc, "--workdir", "not writable")

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from jaxlab import trees
+
+TREE = {"params": {"blocks": {"mlp": {"kernel": np.ones((2, 3)), "bias": np.zeros(3)}}, "head": {"kernel": np.eye(2)}}}
+
+
+def test_flatten_unflatten_roundtrip():
+  flat = trees.flatten(TREE)
+  assert list(flat) == ["params/blocks/mlp/bias", "params/blocks/mlp/kernel", "params/head/kernel"]
+  back = trees.unflatten(flat)
+  assert trees.allclose(back, TREE)
+
+
+def test_select_first_match_and_rules():
+  assert sorted(trees.select(TREE, [r".*kernel"])) == ["params/blocks/mlp/kernel", "params/head/kernel"]
+  vals = trees.flatten(trees.map_with_rules(TREE, [(r".*head.*", 0.0), (r".*kernel", 2.0)], 1.0))
+  assert vals == {"params/blocks/mlp/bias": 1.0, "params/blocks/mlp/kernel": 2.0, "params/head/kernel": 0.0}
+  assert trees.count(TREE) == 6 + 3 + 4
+
+
+def test_merge_reports_all_differences():
+  inited = {"a": np.zeros(2), "b": np.zeros((2, 2)), "c": np.zeros(1)}
+  loaded = {"a": np.ones(2), "b": np.ones((3, 2)), "d": np.ones(1)}
+  with pytest.raises(trees.TreeMismatchError) as e:
+    trees.merge(loaded, inited)
+  msg = str(e.value)
+  assert "missing c" in msg and "shape of b" in msg and "unexpected d" in msg
+  merged = trees.merge(loaded, inited, dont_load=["b", "d"], allow_missing=True)
+  np.testing.assert_array_equal(merged["a"], np.ones(2))
+  np.testing.assert_array_equal(merged["b"], np.zeros((2, 2)))
+
+
+def test_diff_and_compare():
+  other = {"params": {"blocks": {"mlp": {"kernel": np.ones((2, 3), np.float16)}}, "head": {"kernel": np.eye(2)}}}
+  d = trees.diff(TREE, other)
+  assert d == ["missing params/blocks/mlp/bias (float64[3])", "dtype of params/blocks/mlp/kernel: expected float64, got float16"]
+  assert trees.max_abs_diff(TREE, TREE)["params/head/kernel"] == 0.0
