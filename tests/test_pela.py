@@ -196,7 +196,7 @@ def test_smoke_pipeline_writes_results(smoke):
     res = json.load(f)
   names = [r["name"] for r in res["rows"]]
   assert names[:2] == ["dense", "svd"]
-  assert {"svd_ft", "pela_fd", "pela_fd_wp", "pela_fd+ft", "pela_fd_wp+ft"} <= set(names)
+  assert {"svd_ft", "pela_fd", "pela_fd_wp", "pela_fd_wp+ft"} <= set(names)
   for r in res["rows"]:
     assert {"name", "ratio", "params", "test_acc", "seed", "examples_per_s"} <= set(r)
     assert 0.0 <= r["test_acc"] <= 1.0 and r["examples_per_s"] > 0

@@ -210,14 +210,15 @@ def test_finetune_loads_pretrained_encoder_exactly(pretrained, tmp_path):
 
 
 def test_ntfs_smoke_pipeline(tmp_path):
-  from jaxlab import main
-  from jaxlab.pipelines import ntfs  # noqa: F401
   import importlib.util
+
+  from jaxlab import main
   spec = importlib.util.spec_from_file_location("ntfs_cfg", os.path.join(ROOT, "ml_collections_configs", "ntfs.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   cfg = mod.get_config("smoke")
   cfg.ntfs.models = ("s4d_seq",)
+  cfg.ntfs.compile_cache = ""  # no global XLA cache setting inside the test process
   wd = str(tmp_path / "ntfs")
   result = main.run(cfg, wd)
   assert result["runs"] == 2

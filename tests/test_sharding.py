@@ -69,7 +69,7 @@ def test_two_processes_agree_with_one(tmp_path):
   procs = [subprocess.Popen([sys.executable, "-c", WORKER.format(port=port, pid=i, wd=wd_multi)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   results = [json.loads(next(x for x in out.splitlines() if x.startswith("RESULT"))[6:]) for out, _ in outs]
   assert all(r["processes"] == 2 for r in results)

@@ -35,5 +35,6 @@ def test_merge_reports_all_differences():
 def test_diff_and_compare():
   other = {"params": {"blocks": {"mlp": {"kernel": np.ones((2, 3), np.float16)}}, "head": {"kernel": np.eye(2)}}}
   d = trees.diff(TREE, other)
-  assert d == ["missing params/blocks/mlp/bias (float64[3])", "dtype of params/blocks/mlp/kernel: expected float64, got float16"]
+  assert d == ["missing params/blocks/mlp/bias (float64[3])",
+               "dtype of params/blocks/mlp/kernel: expected float64, got float16"]
   assert trees.max_abs_diff(TREE, TREE)["params/head/kernel"] == 0.0

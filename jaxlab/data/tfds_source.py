@@ -14,7 +14,6 @@ import numpy as np
 
 from jaxlab.data import base
 
-
 DEFAULT_SPLITS = {"train": "train[10%:]", "validation": "train[:5%]", "heldout": "train[5%:10%]", "test": "test"}
 
 
