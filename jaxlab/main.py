@@ -97,6 +97,10 @@ def main(argv):
     print(f"error: {msg}", file=sys.stderr)
     logging.debug("full error", exc_info=True)
     sys.exit(2)
+  except KeyboardInterrupt:
+    print(f"interrupted: start the same command again to resume from the last checkpoint in {workdir}",
+          file=sys.stderr)
+    sys.exit(130)
   print(_summary_line(result), flush=True)
 
 

@@ -159,7 +159,7 @@ def evaluate_checkpoint(path: str, split: str = "test", batch_size: int = 256, d
 # ----------------------------------------------------------------------------
 
 
-def _init_from(config, theta, model_state, param, rng):
+def _init_from(config, theta, model_state):
   """Overrides freshly initialised weights with those of `config.init_from`."""
   ic = config.get("init_from")
   if not ic or not ic.get("path"):
@@ -188,7 +188,6 @@ def _init_from(config, theta, model_state, param, rng):
   except trees.TreeMismatchError as e:
     raise checkpoint.CheckpointError(f"config.init_from.path={ic.path}: {e}; make config.model match "
                                      "the checkpoint or list leaves in config.init_from.dont_load") from e
-  del param, rng
   return theta, model_state, provenance
 
 
@@ -277,7 +276,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   params = variables.pop("params")
   model_state = variables
   theta = param.init(param_rng, params)
-  theta, model_state, provenance = _init_from(config, theta, model_state, param, param_rng)
+  theta, model_state, provenance = _init_from(config, theta, model_state)
   tx, sched = optim.build(config.optimizer, theta, total)
   state = {"step": jnp.zeros((), jnp.int32), "theta": theta, "opt_state": tx.init(theta),
            "model_state": model_state}
