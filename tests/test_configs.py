@@ -42,3 +42,11 @@ def test_every_config_has_a_smoke_run_in_the_tests(path):
   texts = [open(t).read() for t in glob.glob(os.path.join(ROOT, "tests", "test_*.py"))
            if not t.endswith("test_configs.py")]
   assert any(name in t and "smoke" in t for t in texts), f"no test runs {name}:smoke"
+
+
+def test_readme_tables_are_current():
+  import sys
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import update_readme
+  text = open(os.path.join(ROOT, "README.md")).read()
+  assert update_readme.render(text) == text, "README tables are stale: run `python tools/update_readme.py`"
