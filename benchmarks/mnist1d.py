@@ -1,7 +1,7 @@
 """MNIST-1D: data generation vs cache, and train-step time of the zoo in jaxlab (JAX) vs plain PyTorch.
 
     python benchmarks/mnist1d.py                      # batch 100, 300 timed steps per model
-    python benchmarks/mnist1d.py --steps 100 --models mlp,cnn1d
+    python benchmarks/mnist1d.py --steps 100 --models mlp,cnn1d --torch-threads 0
 
 1. Data: the `mnist1d` package's generator on its defaults (5000 signals) against
    reading jaxlab's `.npz` cache of the same arrays (what every run after the first does).
@@ -23,7 +23,11 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# This file is named mnist1d.py: drop its folder from sys.path so `import mnist1d` finds the package.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.modules.pop("mnist1d", None)
+sys.path.insert(0, os.path.dirname(_HERE))
 
 
 def bench_data(repeats: int = 3) -> None:
@@ -149,9 +153,14 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=300)
   ap.add_argument("--batch", type=int, default=100)
   ap.add_argument("--models", default="logreg,mlp,cnn1d,gru")
+  ap.add_argument("--torch-threads", type=int, default=1,
+                  help="PyTorch intra-op threads (0 = its default); its OpenMP threads spin-wait, which is "
+                       "very slow on a loaded shared machine")
   a = ap.parse_args()
   import jax
   import torch
+  if a.torch_threads:
+    torch.set_num_threads(a.torch_threads)
   print(f"machine: {os.cpu_count()} CPU cores; jax {jax.__version__} ({jax.devices()[0].platform}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
   bench_data()

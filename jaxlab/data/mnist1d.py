@@ -74,6 +74,11 @@ def _import_package():
   try:
     import mnist1d.data as m1d
   except ImportError as e:
+    import sys
+    shadow = getattr(sys.modules.get("mnist1d"), "__file__", None)
+    if shadow and not shadow.endswith("__init__.py"):
+      raise MissingExtraError(f"config.data.name='mnist1d': the file {shadow} shadows the `mnist1d` package "
+                              "(it comes first on sys.path); run from another directory or rename it") from e
     raise MissingExtraError(
         f"config.data.name='mnist1d' needs the `mnist1d` package, which is not installed ({e}); "
         f"install the extra: {EXTRA_HINT}") from e
