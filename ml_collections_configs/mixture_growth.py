@@ -28,8 +28,8 @@ def get_config(arg: str | None = None):
   c.model = ml_collections.ConfigDict(dict(
       name="wrn", depth=10, widen_factor=1.0, stem_width=16, mid_bn=False, head_bias=False))
   c.num_templates = 2            # templates per set and layer
-  c.member_steps = 400           # training steps of each member (phase A and phase B)
-  c.grow_steps = 160             # training steps of every grown network (phase C)
+  c.member_steps = 150           # training steps of each member (phase A and phase B)
+  c.grow_steps = 60              # training steps of every grown network (phase C)
   c.grow_lr = 0.02               # peak LR after growth (the official code drops the LR at growth)
   c.grow_noise = 1.0             # grow_mixture `noise` (coefs_noise_growing)
   c.net2net_noise = 0.05         # grow_net2net symmetry-breaking noise (relative to each kernel's std)
@@ -43,14 +43,14 @@ def get_config(arg: str | None = None):
   c.optimizer.momentum = 0.9
   c.optimizer.lr = 0.1
   c.optimizer.weight_decay = 5e-4
-  c.optimizer.warmup_steps = 20
+  c.optimizer.warmup_steps = 10
   c.optimizer.grad_clip = 0.0
   c.optimizer.no_decay = (r".*bias", r".*bn[^/]*/scale", r".*norm/scale", r".*coefs")
   c.eval_splits = ("validation",)
   c.log_every = 20
   c.progress = False
   c.total_steps = 1              # set per stage by the pipeline
-  c.compilation_cache = True     # persistent XLA cache in <workdir>/jax_cache (stages share shapes)
+  c.compilation_cache = "auto"   # persistent XLA cache: '' off, 'auto' ~/.cache/jaxlab/xla, or a directory
   if arg == "smoke":
     c.seeds = (0,)
     c.model.widen_factor = 0.5

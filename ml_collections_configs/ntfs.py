@@ -32,8 +32,8 @@ def get_config(arg: str | None = None):
   n.tasks = ("listops", "seq_digits")
   n.models = ("s4d_seq", "transformer_seq")
   n.seeds = (0, 1, 2)
-  n.pretrain_steps = 250
-  n.finetune_steps = 250
+  n.pretrain_steps = 150
+  n.finetune_steps = 150
   n.objective = "denoise"         # denoise (bidirectional models) | causal (next element; causal models)
   n.pixel_loss = "l1"             # l1 | ce (256-way cross entropy on grey levels)
   n.mask_rate = ml_collections.ConfigDict({"listops": 0.10, "seq_digits": 0.5, "pathfinder": 0.5})
@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
   n.pretrain_lr = 0.0             # 0 = optimizer.lr
   n.finetune_lr = 0.0             # 0 = optimizer.lr
   n.plot = True
+  n.compile_cache = "auto"        # persistent XLA cache in <workdir>/jax_cache ('' = off)
   n.data = ml_collections.ConfigDict({
       "listops": ml_collections.ConfigDict(dict(name="listops", max_length=128, min_length=32, max_depth=10,
                                                 max_args=10, seed=0, train_size=2000, validation_size=200,
@@ -49,12 +50,13 @@ def get_config(arg: str | None = None):
       "pathfinder": ml_collections.ConfigDict(dict(name="pathfinder", image_size=16, seed=0, train_size=2000,
                                                    validation_size=200, test_size=500, heldout_size=0)),
   })
-  common = dict(d_model=64, n_layers=2, dropout=0.0, prenorm=True, norm="layer", pool="mean", causal=False)
+  common = dict(d_model=32, n_layers=2, dropout=0.0, prenorm=True, norm="layer", pool="mean", causal=False)
   n.model = ml_collections.ConfigDict({
-      "s4d_seq": ml_collections.ConfigDict(dict(**common, d_state=64, init="lin", disc="zoh")),
-      "transformer_seq": ml_collections.ConfigDict(dict(**common, num_heads=4, mlp_dim=128, max_len=0)),
+      "s4d_seq": ml_collections.ConfigDict(dict(**common, d_state=16, init="lin", disc="zoh")),
+      "transformer_seq": ml_collections.ConfigDict(dict(**common, num_heads=4, mlp_dim=64, max_len=0)),
   })
   if arg == "smoke":
+    n.tasks = ("listops",)
     n.seeds = (0,)
     n.pretrain_steps = 3
     n.finetune_steps = 3

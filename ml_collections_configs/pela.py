@@ -18,7 +18,9 @@ teacher; `pela.*` drives the rest of the pipeline (jaxlab/pipelines/pela.py):
   pela.fd_weight       weight of feature distillation (feature_mse over every block's output)
   pela.wp_weight       weight of the weight perturbation regularizer
   pela.wp_eps          eps of the regularizer ((max |u v - K| - eps)^2)
-  pela.finetune_steps  > 0: further fine-tune each PELA checkpoint with the task loss only (ordinary checkpoint)
+  pela.finetune_steps  > 0: further fine-tune PELA checkpoints with the task loss only (ordinary checkpoints)
+  pela.finetune_variants  which variants get that fine-tuning stage (rows '<variant>+ft')
+  pela.compilation_cache  persistent jax compilation cache in <workdir>/jax_cache (stages share shapes)
   pela.eval_batch_size, pela.throughput_batch, pela.throughput_reps: evaluation and speed measurement
 
 Arguments after `:`: `smoke` (tiny model, a few steps, one seed, under a minute on a CPU).
@@ -61,6 +63,8 @@ def get_config(arg: str | None = None):
   c.pela.wp_weight = 1.0
   c.pela.wp_eps = 0.0
   c.pela.finetune_steps = 0
+  c.pela.finetune_variants = ("pela_fd", "pela_fd_wp")
+  c.pela.compilation_cache = True
   c.pela.eval_batch_size = 360
   c.pela.throughput_batch = 256
   c.pela.throughput_reps = 10
@@ -72,9 +76,11 @@ def get_config(arg: str | None = None):
     c.log_every = 3
     c.pela.ratios = (2.0,)
     c.pela.seeds = (0,)
+    c.pela.variants = ("svd_ft", "pela_fd_wp")
     c.pela.steps = 3
     c.pela.warmup_steps = 1
     c.pela.finetune_steps = 2
+    c.pela.finetune_variants = ("pela_fd_wp",)
     c.pela.throughput_reps = 2
   elif arg:
     raise ValueError(f"pela.py: unknown config argument {arg!r}; use 'smoke' or nothing")

@@ -19,7 +19,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.job = "transform"
   c.transform = arg or ""     # registered transform name
-  c.inputs = ("",)            # input checkpoint workdirs (comma separated on the command line)
+  c.inputs = ""               # input checkpoint workdirs, comma separated (a tuple works from Python)
   c.args = ml_collections.ConfigDict()
   if arg:
     from jaxlab import transforms

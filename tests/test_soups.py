@@ -9,12 +9,13 @@ import sys
 import textwrap
 import weakref
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from jaxlab import build, checkpoint, configs, data, parameterizations, train, transforms, trees
+from jaxlab import build, checkpoint, configs, data, models, parameterizations, train, transforms, trees
 from jaxlab.transforms import engine, soups
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,6 +166,43 @@ def test_init_from_with_a_soup_transform(world, tmp_path):
   train.train_and_evaluate(c, str(tmp_path / "run"))
   theta = checkpoint.load(str(tmp_path / "run")).theta
   assert trees.allclose(theta, soups.mean_trees(world["params"][:3]), atol=1e-6)
+
+
+class _BNNet(nn.Module):
+  """Pixels -> BatchNorm -> Dense: its batch statistics are numpy-checkable."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.99, name="bn")(x)
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+models.register("_test_bn")(lambda cfg, num_classes: _BNNet(num_classes))
+
+
+def test_batch_stats_averaged_or_recomputed(world, tmp_path):
+  c = tiny_config()
+  c.model = ml_collections.ConfigDict({"name": "_test_bn"})
+  ds = world["dataset"]
+  v = build.init_variables(_BNNet(10), jax.random.key(0), ds.input_shape)
+  paths, stats = [], []
+  for i in range(2):
+    st = jax.tree.map(lambda x, i=i: ((1.0 + i) * (np.arange(x.size) % 5 + 1)).astype(np.float32).reshape(x.shape),
+                      v["batch_stats"])
+    stats.append(st)
+    meta = train.make_meta(c, ds, 0, {}, {"init_from": "/pretrained", "step": 1})
+    checkpoint.save_weights(str(tmp_path / f"bn{i}"), 0, v["params"], meta, {"batch_stats": st})
+    paths.append(str(tmp_path / f"bn{i}"))
+  avg = transforms.apply("uniform_soup", paths)
+  assert trees.allclose(avg.model_state["batch_stats"], jax.tree.map(lambda a, b: (a + b) / 2, *stats), atol=1e-6)
+  assert avg.report["batch_stats"] == "averaged"
+  rec = transforms.apply("uniform_soup", paths, {"recompute_batch_stats": 3, "batch_size": 64})
+  xs = [ds.train_batch(step, 64, 0)["inputs"].reshape(64, -1).astype(np.float64) for step in range(3)]
+  got = rec.model_state["batch_stats"]["bn"]
+  np.testing.assert_allclose(got["mean"], np.mean([x.mean(0) for x in xs], 0), rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(got["var"], np.mean([x.var(0) for x in xs], 0), rtol=1e-3, atol=1e-4)
 
 
 SHARDED = textwrap.dedent("""

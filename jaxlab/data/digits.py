@@ -19,9 +19,9 @@ import numpy as np
 from jaxlab.data import base
 
 SPLIT_SIZES = {"test": 360, "validation": 180, "heldout": 180}
-SHIFT_MAX_DEGREES = 20.0
-SHIFT_BLUR = 0.6
-SHIFT_NOISE = 0.15
+SHIFT_MAX_DEGREES = 15.0
+SHIFT_BLUR = 0.5
+SHIFT_NOISE = 0.1
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -138,6 +139,11 @@ def split_config(cfg) -> tuple[dict, LowRankFactory]:
   if isinstance(keep, str):
     keep = tuple(p for p in keep.split(",") if p)
   keep = tuple(str(p) for p in keep)
+  for pattern in keep:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"config.model.keep_dense: {pattern!r} is not a valid regex ({e})") from e
   if ratio <= 0:
     raise ValueError(f"config.model.ratio must be > 0, got {ratio}")
   if rank < 0:

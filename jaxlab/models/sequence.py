@@ -14,7 +14,7 @@ Parameter paths:
     pos_embed [1, max_len, D]                          (transformer only)
     blocks/norm/{scale, bias} [n_layers, D]            (s4d_seq; BatchNorm adds batch_stats)
     blocks/s4d/{log_dt, log_A_real, A_imag, B, C, D, output_linear/...}  (s4d_seq)
-    blocks/{norm1, norm2, attn/{query,key,value,out}, mlp/{fc1,fc2}}     (transformer_seq)
+    blocks/{norm1, norm2, attn/{query,key,value,out}, fc1, fc2}          (transformer_seq)
     norm/{scale, bias}                                 final norm, only when prenorm
     decoder/{kernel, bias}
 

@@ -98,7 +98,8 @@ class SoupMixture:
     if self._stack is None:
       flats, ref = [], None
       for p in self.ingredients:
-        params = checkpoint.load(p).params
+        with jax.ensure_compile_time_eval():  # first call may come from inside a jit trace
+          params = jax.device_get(checkpoint.load(p).params)
         if ref is None:
           ref = params
         else:

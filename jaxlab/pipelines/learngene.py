@@ -59,12 +59,12 @@ def default_config(methods: tuple[str, ...] = ("tleg",), smoke: bool = False) ->
   g.teacher = ml_collections.ConfigDict(dict(
       model=dict(name="vit", patch_size=2, width=64, depth=4, num_heads=4, mlp_dim=128, pool="gap",
                  final_norm="tokens", drop_path=0.1, ln_eps=1e-6),
-      steps=600, lr=2e-3, warmup=30))
+      steps=1200, lr=2e-3, warmup=60))
   # The auxiliary net: the descendants' width, depth = the largest descendant (TLEG: 12 for 3..12).
   g.aux = ml_collections.ConfigDict(dict(
       model=dict(name="vit", patch_size=2, width=32, depth=8, num_heads=2, mlp_dim=64, pool="gap",
                  final_norm="tokens", drop_path=0.0, ln_eps=1e-5),
-      steps=600, lr=2e-3, warmup=30,
+      steps=800, lr=2e-3, warmup=40,
       coefficient="l/L",               # tleg: 'l/L' (official) or 'l/(L-1)'
       stages=(3, 2, 3)))               # sws: layers per stage of the aux net (sum = aux depth)
   g.distill = ml_collections.ConfigDict(dict(
@@ -331,7 +331,10 @@ def markdown(results: dict, workdir: str) -> str:
   ofile = os.path.join(workdir, "overrides.txt")
   if os.path.exists(ofile):
     overrides = " ".join(line.strip() for line in open(ofile) if line.strip())
-  cmd = " ".join(sys.argv) if sys.argv and "jaxlab" in " ".join(sys.argv) else "jaxlab.main.run(config, workdir)"
+  if sys.argv and sys.argv[0].replace(os.sep, "/").endswith("jaxlab/main.py"):
+    cmd = "python -m jaxlab.main " + " ".join(sys.argv[1:])
+  else:
+    cmd = "jaxlab.main.run(config, workdir)"
   lines = [
       "# Learngene on digits: TLEG / SWS descendants against scratch", "",
       f"Command: `{cmd}`" + (f" (overrides: `{overrides}`)" if overrides and overrides not in cmd else ""), "",
@@ -377,8 +380,15 @@ def markdown(results: dict, workdir: str) -> str:
                  f"{s['aux_steps']} auxiliary steps at depth {g['aux']['model']['depth']} plus the teacher, "
                  f"against {s['scratch_long_steps_total']} scratch steps for all {len(s['depths'])} depths at "
                  f"{k}x budget.")
-  lines += ["", "Caveats: digits is tiny and nearly saturated; the models are small; the budgets are a few "
-            "hundred steps, far from the papers' ImageNet recipes (no Mixup/CutMix/RandAugment, no repeated "
+  teacher = next((r for r in results["rows"] if r["method"] == "teacher"), None)
+  for r in aux_rows:
+    if teacher and r["method"] != "teacher":
+      lines.append(f"- The {r['name']} reached {100 * r['test_acc']:.1f}% test accuracy by distillation, against "
+                   f"the teacher's {100 * teacher['test_acc']:.1f}%"
+                   + (": it is under-trained at this budget, which limits what its descendants inherit."
+                      if r["test_acc"] < teacher["test_acc"] - 0.1 else "."))
+  lines += ["", "Caveats: digits is tiny; the models are small and every budget is a few hundred steps, far from "
+            "convergence and from the papers' ImageNet recipes (no Mixup/CutMix/RandAugment, no repeated "
             "augmentation). Numbers are from one run of the pipeline; see results.json for every row.", ""]
   return "\n".join(lines)
 

@@ -69,19 +69,22 @@ def forward_throughput(module, params, model_state, input_shape, input_dtype, ba
   return batch / best
 
 
-def _row(name: str, ratio: float, seed: int, path: str, pc, *, test_acc: float | None = None,
+def _row(name: str, ratio: float, seed: int, path: str, pc, speed: dict, *, test_acc: float | None = None,
          extra: dict | None = None) -> dict:
+  """One results row; throughput is measured once per architecture (cached in `speed`)."""
   loaded = checkpoint.load(path)
   meta = loaded.meta
   if test_acc is None:
     test_acc = train.evaluate_checkpoint(path, "test", int(pc.eval_batch_size))["accuracy"]
   params = loaded.params
   n = int(sum(np.size(x) for x in jax.tree.leaves(params)))
-  eps = forward_throughput(loaded.module, params, loaded.model_state, tuple(meta["data"]["input_shape"]),
-                           meta["data"].get("input_dtype", "float32"), int(pc.throughput_batch),
-                           int(pc.throughput_reps))
+  arch = json.dumps(meta["model"], sort_keys=True)
+  if arch not in speed:
+    speed[arch] = forward_throughput(loaded.module, params, loaded.model_state, tuple(meta["data"]["input_shape"]),
+                                     meta["data"].get("input_dtype", "float32"), int(pc.throughput_batch),
+                                     int(pc.throughput_reps))
   return {"name": name, "ratio": float(ratio), "params": n, "test_acc": float(test_acc), "seed": int(seed),
-          "examples_per_s": float(eps), "workdir": os.path.abspath(path), **(extra or {})}
+          "examples_per_s": float(speed[arch]), "workdir": os.path.abspath(path), **(extra or {})}
 
 
 def _train_cfg(config, seed: int, model_cfg: dict, init_path: str, weights: dict, teacher: str,
@@ -140,8 +143,13 @@ def run(config, workdir: str) -> dict:
   if unknown:
     raise ValueError(f"config.pela.variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
   os.makedirs(workdir, exist_ok=True)
+  if pc.get("compilation_cache", True) and not jax.config.jax_compilation_cache_dir:
+    # Every seed (and the fine-tuning stages) reuse the same shapes: compile each program once.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   t0 = time.time()
   rows: list[dict] = []
+  speed: dict[str, float] = {}
 
   # 1. the dense teacher
   if pc.teacher_path:
@@ -157,7 +165,7 @@ def run(config, workdir: str) -> dict:
     dc.seed = int(pc.dense_seed)
     dense_seed = int(pc.dense_seed)
     dense_acc = pipelines.stage(workdir, "dense", dc)["test_accuracy"]
-  rows.append(_row("dense", 1.0, dense_seed, dense_path, pc, test_acc=dense_acc))
+  rows.append(_row("dense", 1.0, dense_seed, dense_path, pc, speed, test_acc=dense_acc))
   dense_meta = checkpoint.load_meta(dense_path)
   if dense_meta["model"].get("name") != "vit":
     raise ValueError(f"config.pela.teacher_path={dense_path}: expected a dense 'vit' checkpoint, got "
@@ -169,7 +177,7 @@ def run(config, workdir: str) -> dict:
     rdir = os.path.join(workdir, f"r{ratio:g}")
     svd_path = os.path.join(rdir, "svd")
     reports[f"{ratio:g}"] = _compress(dense_path, svd_path, ratio, pc.keep_dense)
-    rows.append(_row("svd", ratio, dense_seed, svd_path, pc))
+    rows.append(_row("svd", ratio, dense_seed, svd_path, pc, speed))
     student_model = checkpoint.load_meta(svd_path)["model"]
     for seed in seeds:
       sdir = os.path.join(rdir, f"seed{seed}")
@@ -183,13 +191,13 @@ def run(config, workdir: str) -> dict:
         teacher = dense_path if (fd or wp) else ""
         tc = _train_cfg(config, seed, student_model, svd_path, weights, teacher, int(pc.steps))
         summary = pipelines.stage(sdir, variant, tc)
-        rows.append(_row(variant, ratio, seed, os.path.join(sdir, variant), pc,
+        rows.append(_row(variant, ratio, seed, os.path.join(sdir, variant), pc, speed,
                          test_acc=summary["test_accuracy"], extra={"steps": int(pc.steps)}))
-        if int(pc.finetune_steps) > 0 and variant != "svd_ft":
+        if int(pc.finetune_steps) > 0 and variant in tuple(pc.finetune_variants):
           fc = _train_cfg(config, seed, student_model, os.path.join(sdir, variant), {"cross_entropy": 1.0}, "",
                           int(pc.finetune_steps))
           fsum = pipelines.stage(sdir, f"{variant}_ft", fc)
-          rows.append(_row(f"{variant}+ft", ratio, seed, os.path.join(sdir, f"{variant}_ft"), pc,
+          rows.append(_row(f"{variant}+ft", ratio, seed, os.path.join(sdir, f"{variant}_ft"), pc, speed,
                            test_acc=fsum["test_accuracy"],
                            extra={"steps": int(pc.steps) + int(pc.finetune_steps)}))
 
@@ -241,7 +249,7 @@ def results_markdown(results: dict, pc) -> str:
       f"- PELA weights: feature distillation {pc.fd_weight:g}, weight perturbation {pc.wp_weight:g} "
       f"(eps {pc.wp_eps:g}).",
       "- examples/s: inference throughput of the jit-compiled forward pass, batch "
-      f"{pc.throughput_batch}, median over seeds of the best of {pc.throughput_reps} runs.",
+      f"{pc.throughput_batch}, best of {pc.throughput_reps} runs, measured once per architecture.",
       "",
       "| model | ratio | params | kept | test acc (mean ± std) | Δ vs dense (points) | seeds | examples/s |",
       "|---|---|---|---|---|---|---|---|",
@@ -294,10 +302,16 @@ def claim_lines(agg: list[dict], dense: dict) -> list[str]:
     best = max(half, key=lambda a: a["acc_mean"])
     drop = 100 * (dense["acc_mean"] - best["acc_mean"])
     holds = "holds" if drop < 1.0 else "does not hold"
+    where = f"{drop:.2f} points below" if drop >= 0 else f"{-drop:.2f} points above"
     out += ["", f"Paper's claim at this scale (about half the parameters for well under a point of accuracy): "
             f"the best PELA variant at ratio 2 ({best['name']}, {100 * best['params'] / dense['params']:.0f}% of "
-            f"the parameters) is {drop:+.2f} points below the dense model, so the claim {holds} here "
+            f"the parameters) is {where} the dense model, so the claim {holds} here "
             f"(mean over {best['n']} seeds; the test split has 360 images, one image = 0.28 points)."]
+  trained = [a for a in agg if a["name"] not in ("dense", "svd")]
+  if any(a["acc_mean"] > dense["acc_mean"] for a in trained):
+    out += ["", "Caveat: some low-rank students beat the dense model. They are trained for extra steps on the "
+            "same data after the dense model's run ended, so part of the gain is extra training rather than "
+            "compression; the comparison between the variants (same steps, same seeds) is the fair one."]
   return out
 
 

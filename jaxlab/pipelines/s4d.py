@@ -10,6 +10,7 @@ paper's claims), `accuracy.png` and `kernels.png` (layer-0 kernels at init and a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ from jaxlab.models import s4d as s4d_lib
 def stage_config(config, task: str, init: str, disc: str, seed: int, info: dict):
   """The training config of one run (a copy of `config` with task, model and optimizer rules filled in)."""
   c = config.copy_and_resolve_references()
+  c.unlock()  # main.py locks the config; this copy gains data keys
   c.job = "train"
   c.seed = int(seed)
   c.data.update(config.s4d.data[task])
@@ -70,9 +72,11 @@ def run(config, workdir: str) -> dict:
   t0 = time.time()
   infos = {task: data.get_dataset(s.data[task]).info for task in s.tasks}
   rows = []
+  cache = os.path.join(os.path.abspath(workdir), ".jax_cache") if s.get("compilation_cache", True) else ""
   for task, init, disc, seed in _runs(s):
     name = f"{task}/{init}_{disc}/seed{seed}"
-    summary = pipelines.stage(workdir, name, stage_config(config, task, init, disc, seed, infos[task]))
+    with compilation_cache(cache):
+      summary = pipelines.stage(workdir, name, stage_config(config, task, init, disc, seed, infos[task]))
     rows.append({"name": name, "task": task, "model": "s4d_seq", "init": init, "disc": disc,
                  "pretraining": "none", "seed": seed, "test_acc": summary.get("test_accuracy"),
                  "val_acc": summary.get("validation_accuracy"), "params": summary.get("params"),
@@ -90,6 +94,30 @@ def run(config, workdir: str) -> dict:
       plot_kernels(config, workdir, infos[s.kernel_task], os.path.join(workdir, "kernels.png"))
   means = {f"{r['task']}/{r['init']}_{r['disc']}": r["mean"] for r in table}
   return {"workdir": os.path.abspath(workdir), "runs": len(rows), **means}
+
+
+@contextlib.contextmanager
+def compilation_cache(path: str):
+  """JAX's persistent compilation cache in `path` while inside (no-op for an empty path).
+
+  The runs of one (task, disc) differ only in their argument values (seed, init values), so
+  their train and eval steps compile to the same programs: the cache compiles each once.
+  """
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  if not path:
+    yield
+    return
+  old_dir = jax.config.jax_compilation_cache_dir
+  old_min = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  cc.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
+    cc.reset_cache()
 
 
 def _command(config) -> str:
@@ -204,7 +232,11 @@ def initial_params(stage_cfg, info_shape, dtype):
   """The exact initial params of a training run (same rng split as `train.train_and_evaluate`)."""
   module = build.model(stage_cfg.model, 10)
   init_rng = jax.random.split(jax.random.key(int(stage_cfg.seed)), 3)[0]
-  return build.init_variables(module, init_rng, info_shape, dtype)["params"]
+  return jax.jit(lambda r: build.init_variables(module, r, info_shape, dtype)["params"])(init_rng)
+
+
+_kernel = jax.jit(s4d_lib.ssm_kernel, static_argnums=(1, 2))
+_PRETTY = {"lin": "Lin", "inv": "Inv", "legs": "LegS", "real": "Real"}
 
 
 def plot_kernels(config, workdir: str, info: dict, path: str) -> None:
@@ -226,11 +258,11 @@ def plot_kernels(config, workdir: str, info: dict, path: str) -> None:
     after = checkpoint.load(os.path.join(workdir, f"{task}/{init}_{disc}/seed{seed}")).params
     for j, (params, label) in enumerate(((before, "at init"), (after, "trained"))):
       p = s4d_lib.layer_params_at(params, 0)
-      k = np.asarray(s4d_lib.ssm_kernel(p, length, disc))[0]
+      k = np.asarray(_kernel(p, length, disc))[0]
       ax = axes[i, j]
       for ch in range(min(int(s.kernel_channels), k.shape[0])):
         ax.plot(k[ch], lw=0.9)
-      ax.set_title(f"S4D-{init.capitalize()} ({disc}), layer 0, {label}", fontsize=8)
+      ax.set_title(f"S4D-{_PRETTY.get(init, init)} ({disc}), layer 0, {label}", fontsize=8)
       ax.tick_params(labelsize=7)
   for ax in axes[-1]:
     ax.set_xlabel(f"lag l ({task})", fontsize=8)

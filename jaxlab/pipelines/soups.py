@@ -78,7 +78,7 @@ def _transform(workdir: str, name: str, transform: str, inputs: list[str], args:
       return json.load(f)
   cfg = ml_collections.ConfigDict({"transform": transform, "inputs": tuple(inputs), "args": dict(args or {})})
   res = engine.run(cfg, out)
-  res = engine._jsonable(res)
+  res = engine.to_jsonable(res)
   with open(done, "w") as f:
     json.dump(res, f, indent=2)
   return res

@@ -117,13 +117,15 @@ def init_signature(meta: dict) -> str:
     return f"init_from {prov['init_from']}@{prov.get('step', '?')}"
   if prov.get("transform"):
     inits = sorted({i.get("init", "?") for i in prov.get("inputs", [])})
-    return f"transform {prov['transform']} of {'/'.join(inits)}" if inits != ["?"] else f"transform {prov['transform']}"
+    if len(inits) == 1 and inits[0] != "?":  # e.g. a soup of fine-tunes of one model keeps that model's init
+      return inits[0]
+    return f"transform {prov['transform']} of {' / '.join(inits)}"
   seed = (meta.get("config") or {}).get("seed", "?")
   return f"scratch seed={seed} model={json.dumps(meta.get('model', {}), sort_keys=True)}"
 
 
 def check_inputs(t: registry.Transform, inputs) -> None:
-  """Refuses inputs with differing trees (for `same_tree` transforms); warns for different inits.
+  """Refuses inputs with differing trees (`same_tree` transforms); warns for different inits (`averages`).
 
   Args:
     t: the transform.
@@ -144,7 +146,7 @@ def check_inputs(t: registry.Transform, inputs) -> None:
           f"transform {t.name!r}: input {paths[i]} does not have the same parameter tree as {paths[0]}: "
           + "; ".join(d[:5]) + more + "; all inputs must be fine-tunes of the same architecture")
   sigs = [init_signature(m) for m in input_metas(inputs)]
-  if len(set(sigs)) > 1:
+  if t.averages and len(set(sigs)) > 1:
     groups: dict[str, list[str]] = {}
     for p, s in zip(paths, sigs):
       groups.setdefault(s, []).append(os.path.basename(os.path.normpath(p)))
@@ -155,13 +157,13 @@ def check_inputs(t: registry.Transform, inputs) -> None:
 
 
 def split_paths(values) -> list[str]:
-  """Checkpoint paths from a config tuple; items may hold comma separated paths; blanks dropped."""
+  """Checkpoint paths from a config string or tuple: comma separated, `(a,b)` and quotes allowed, blanks dropped."""
   if isinstance(values, str):
     values = (values,)
   out = []
   for v in values or ():
-    out += [p.strip() for p in str(v).split(",") if p.strip()]
-  return out
+    out += [p.strip().strip("()[]'\" ") for p in str(v).split(",")]
+  return [p for p in out if p]
 
 
 def check_output_dir(workdir: str, paths: Sequence[str]) -> None:
@@ -170,8 +172,9 @@ def check_output_dir(workdir: str, paths: Sequence[str]) -> None:
   for p in paths:
     p_abs = os.path.abspath(os.path.expanduser(p))
     cdir = checkpoint.checkpoint_dir(p)
+    owner = os.path.dirname(cdir) if os.path.basename(cdir) == checkpoint.CKPT_SUBDIR else cdir
     inside = os.path.commonpath([out_abs, cdir]) == cdir
-    if out_abs in (p_abs, os.path.dirname(cdir)) or inside:
+    if out_abs in (p_abs, owner) or inside:
       raise ValueError(f"--workdir={workdir} is the input checkpoint {p}; write the output somewhere else "
                        "(inputs are never modified)")
   out_ckpt = os.path.join(out_abs, checkpoint.CKPT_SUBDIR)
@@ -240,18 +243,19 @@ def write_output(workdir: str, t: registry.Transform, args: dict, inputs, out: r
   meta.update(out.meta)
   meta["step"] = 0
   meta["metrics"] = {}
-  meta["provenance"] = provenance(t, args, inputs, _jsonable(out.report))
+  meta["provenance"] = provenance(t, args, inputs, to_jsonable(out.report))
   meta["versions"] = checkpoint.versions()
   theta = jax.device_get(out.theta)
   checkpoint.save_weights(workdir, 0, theta, meta, jax.device_get(out.model_state))
   return meta
 
 
-def _jsonable(x):
+def to_jsonable(x):
+  """Numbers, lists and dicts only (numpy/jax scalars and arrays converted), for JSON."""
   if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): to_jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [to_jsonable(v) for v in x]
   if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
     return x.item()
   if hasattr(x, "tolist"):

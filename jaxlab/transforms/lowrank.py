@@ -178,6 +178,25 @@ def _full(layer_type: str, errors: dict) -> str:
   return next((k for k in errors if _layer_type(k) == layer_type), layer_type)
 
 
+def spectra(params: dict, layers: tuple[str, ...] = tuple(lowrank_vit.LAYER_PATHS.values())) -> dict[str, np.ndarray]:
+  """Singular values of each dense layer's kernel, per depth index: `{layer: [L, min(d_in, d_out)]}`.
+
+  Args:
+    params: dense ViT params (layers with `<layer>/kernel`).
+    layers: layer paths to analyse; missing ones are skipped.
+
+  Returns:
+    Descending singular values per layer path and depth.
+  """
+  flat = trees.flatten(params)
+  out = {}
+  for layer in layers:
+    k = flat.get(f"{layer}/kernel")
+    if k is not None:
+      out[layer] = np.asarray(jax.jit(jnp.linalg.svdvals)(jnp.asarray(k, jnp.float32)))
+  return out
+
+
 def expected_kept_fraction(d_in: int, d_out: int, ratio: float) -> float:
   """Fraction of a weight's entries kept by the rank rule (about 1 / ratio)."""
   r = lowrank_vit.rank_for(d_in, d_out, ratio)

@@ -23,6 +23,8 @@ Two optional flags of `register`:
                    refuses others, listing the first differences, before it
                    loads any weights. Pass False for transforms that combine
                    different architectures.
+  averages=True    the transform averages weights; the engine warns when the
+                   inputs were trained from different initialisations.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class Transform:
   params: dict[str, Param]
   streaming: bool = False   # fn iterates its inputs once, one at a time (lazy loading allowed)
   same_tree: bool = False   # all inputs must have the same trainable tree
+  averages: bool = False    # weight averaging: warn when inputs come from different initialisations
 
   def check_num_inputs(self, num_inputs: int) -> None:
     """Raises ValueError when `num_inputs` does not fit the declared `inputs`."""
@@ -151,7 +154,7 @@ _TRANSFORMS: dict[str, Transform] = {}
 
 
 def register(name: str, *, idea: str, reference: str, inputs: str = "1", params: dict | None = None,
-             streaming: bool = False, same_tree: bool | None = None):
+             streaming: bool = False, same_tree: bool | None = None, averages: bool = False):
   """Decorator registering `fn(inputs, **args) -> Output` as transform `name`.
 
   Args:
@@ -165,6 +168,8 @@ def register(name: str, *, idea: str, reference: str, inputs: str = "1", params:
       given a lazy sequence that loads each checkpoint only when indexed.
     same_tree: all inputs must have identical trainable trees (default: True for
       '2' and 'N' inputs).
+    averages: the transform averages weights (soups, interpolation): the engine
+      warns when the inputs were trained from different initialisations.
 
   Raises:
     ValueError: bad `inputs`, a parameter that is not a `Param`, or a name that a
@@ -185,7 +190,7 @@ def register(name: str, *, idea: str, reference: str, inputs: str = "1", params:
       raise ValueError(f"transform {name!r} is registered twice ({_qualname(old.fn)} and {_qualname(fn)}); "
                        "pick another name")
     _TRANSFORMS[name] = Transform(name, fn, idea, reference, inputs, params, streaming=streaming,
-                                  same_tree=bool(same_tree))
+                                  same_tree=bool(same_tree), averages=averages)
     return fn
   return wrap
 

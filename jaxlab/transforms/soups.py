@@ -224,6 +224,7 @@ def _dataset_of(meta: dict, data_name: str = ""):
 @register(
     "uniform_soup", idea="Average the weights of N fine-tunes of one pre-trained model (streaming, ~2 models "
     "of memory); BatchNorm statistics averaged or recomputed", reference=SOUPS_REF, inputs="N", streaming=True,
+    averages=True,
     params={
         "weights": Param(tuple, (), "optional per-input weights, normalised to sum 1 (empty = uniform 1/N)"),
         "more_inputs": Param(tuple, (), "extra ingredient checkpoint paths (e.g. with init_from, which has one)"),
@@ -283,7 +284,7 @@ def recompute_batch_stats_fn(module, params, model_state: dict, dataset, num_bat
 @register(
     "greedy_soup", idea="Add ingredients in order of held-out accuracy, keeping one only if the soup's held-out "
     "accuracy improves (never worse than the best ingredient on that split)", reference=SOUPS_REF + " (Recipe 1)",
-    inputs="N", streaming=True,
+    inputs="N", streaming=True, averages=True,
     params={
         "split": Param(str, "heldout", "split of the inputs' data set used to rank and accept ingredients"),
         "accept": Param(str, ">", "'>' strict improvement (official code) or '>=' (paper's Recipe 1)",
@@ -337,7 +338,7 @@ def greedy_soup(inputs, *, split="heldout", accept=">", batch_size=256, data_nam
 
 @register(
     "interpolate", idea="Weight-space interpolation (1 - alpha) theta_0 + alpha theta_1 of two fine-tunes (or "
-    "pre-trained and fine-tuned, WiSE-FT)", reference=WISE_FT_REF, inputs="2", streaming=True,
+    "pre-trained and fine-tuned, WiSE-FT)", reference=WISE_FT_REF, inputs="2", streaming=True, averages=True,
     params={"alpha": Param(float, 0.5, "mixing coefficient: 0 gives the first input, 1 the second")})
 def interpolate(inputs, *, alpha=0.5) -> Output:
   """theta = (1 - alpha) theta_0 + alpha theta_1 (alpha outside [0, 1] extrapolates)."""

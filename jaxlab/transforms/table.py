@@ -28,10 +28,15 @@ def param_cell(t: registry.Transform) -> str:
   return "<br>".join(f"`{k}` ({p.describe()}): {p.doc}" for k, p in t.params.items())
 
 
+def public_transforms() -> list[registry.Transform]:
+  """Every registered transform except private ones (names starting with '_', e.g. registered by tests)."""
+  return [t for t in registry.all_transforms() if not t.name.startswith("_")]
+
+
 def markdown_table() -> str:
   """The markdown table of every registered transform, sorted by name."""
   rows = ["| transform | idea | inputs | parameters | reference |", "|---|---|---|---|---|"]
-  for t in registry.all_transforms():
+  for t in public_transforms():
     inputs = _INPUTS[t.inputs] + (", streamed" if t.streaming else "")
     rows.append(f"| `{t.name}` | {_cell(t.idea)} | {inputs} | {_cell(param_cell(t))} | {_cell(t.reference)} |")
   return "\n".join(rows) + "\n"
