@@ -189,7 +189,7 @@ def main():
       continue
     pos = a.batch * length
     print(f"{length:>6} | {1e3 * j['s']:8.1f} {1e3 * t['s']:9.1f} {t['s'] / j['s']:7.2f}x | "
-          f"{pos / j['s'] / 1e6:10.2f} {pos / t['s'] / 1e6:12.2f} | {j['peak_mb']:11.0f} {t['peak_mb']:13.0f} "
+          f"{pos / j['s'] / 1e3:10.1f} {pos / t['s'] / 1e3:12.1f} | {j['peak_mb']:11.0f} {t['peak_mb']:13.0f} "
           f"{t['peak_mb'] / max(j['peak_mb'], 1e-9):8.2f}x | {j['xla_temp_mb']:11.0f}")
   g = measure_generation(a.gen_tokens, a.gen_d_model, a.gen_layers)
   print(f"\nGeneration, causal s4d_seq d_model {a.gen_d_model}, {a.gen_layers} layers, N={N}, {a.gen_tokens} tokens, "
