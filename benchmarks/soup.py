@@ -77,7 +77,7 @@ def worker(framework: str, n: int, size: str) -> dict:
       acc = soups.axpby(acc, ingredients[i % 2], 1.0, w)
     jax.block_until_ready(acc)
     seconds = time.perf_counter() - t0
-    check = float(np.asarray(acc["head"]["kernel"]).ravel()[0])
+    check = float(np.asarray(acc["head/kernel"]).ravel()[0])
   else:
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
