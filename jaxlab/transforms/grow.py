@@ -130,7 +130,7 @@ def _grow_mixture_core(theta0, theta1, state0, state1, c2_init, key, noise, *, r
 @registry.register(
     "grow_mixture",
     idea="MixtureGrowth: double a template WRN's width; new blocks are new mixtures of the members' learned templates",
-    reference=REFERENCE, inputs="2",
+    reference=REFERENCE, inputs="2", same_tree=False,  # _check_members gives the specific errors
     params={
         "coefficients": registry.Param(str, "orthogonal", "rule for the new coefficient vectors c_2, c_3",
                                        choices=("orthogonal", "copy", "zero", "random")),
@@ -204,7 +204,8 @@ def _check_dense_inputs(name: str, inputs):
 
 @registry.register(
     "grow_random", idea="growth baseline: members' kernels on the diagonal, new off-diagonal blocks random (Kaiming)",
-    reference=REFERENCE, inputs="2", params={"seed": registry.Param(int, 0, "seed of the random blocks")})
+    reference=REFERENCE, inputs="2", same_tree=False,
+    params={"seed": registry.Param(int, 0, "seed of the random blocks")})
 def grow_random(inputs, *, seed: int = 0):
   """Dense doubled-width WRN from two half-width networks with random off-diagonal blocks.
 
