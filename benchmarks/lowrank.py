@@ -114,9 +114,11 @@ def main():
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--svd_reps", type=int, default=2)
   p.add_argument("--skip_svd", action="store_true")
+  p.add_argument("--skip_throughput", action="store_true")
   a = p.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores")
-  throughput(a.size, a.image, a.patch, a.batch, [float(r) for r in a.ratios.split(",")], a.reps)
+  if not a.skip_throughput:
+    throughput(a.size, a.image, a.patch, a.batch, [float(r) for r in a.ratios.split(",")], a.reps)
   if not a.skip_svd:
     svd_time(a.svd_reps, os.cpu_count() or 1)
 
