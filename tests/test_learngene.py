@@ -246,6 +246,8 @@ def test_pipeline_smoke(tmp_path):
   assert d[("tleg", 2)] == d[("scratch", 2)] == d[("sws", 2)]
   st = out["summary"]["methods"]["tleg"]["stored"]
   assert st["sum_descendant_params"] == sum(d[("tleg", k)] for k in out["summary"]["methods"]["tleg"]["depths"])
-  assert st["ratio"] > 1.0
+  # a depth-2 descendant holds exactly two blocks + the single copies: as many as (A, B) + single copies
+  assert st["learngene_params"] + st["shared_params"] == st["learngene_plus_shared"] == d[("tleg", 2)]
+  assert st["ratio"] == 1.0
   for name in ("results.md", "accuracy_vs_depth.png"):
     assert os.path.getsize(os.path.join(tmp_path, name)) > 0
