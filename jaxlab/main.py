@@ -77,7 +77,16 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   from jaxlab import checkpoint
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  workdir = _WORKDIR.value
+  try:  # config_flags loads the file and applies overrides lazily, on first access
+    config = _CONFIG.value
+    if config is not None:
+      config.get("job")
+  except (OSError, KeyError, AttributeError, ValueError, TypeError) as e:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "No such file" in ln or "not found" in ln.lower()), lines[-1] if lines else "")
+    print(f"error: --config: {lines[0] if lines else type(e).__name__} ({detail})", file=sys.stderr)
+    sys.exit(2)
   if config is None:
     raise app.UsageError("--config is required (for example ml_collections_configs/digits_vit.py)")
   if not workdir:
@@ -106,7 +115,13 @@ def main(argv):
 
 def entry():
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  try:
+    app.run(main)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # a bad --config.x override, raised while parsing
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    msg = " ".join(str(e).replace("\\n", " ").replace("\\", "").replace("'", "").replace('"', "").split())
+    print(f"error: bad config override among {overrides}: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
