@@ -33,7 +33,8 @@ def get_config(arg: str | None = None):
   c.final_eval_splits = ("test",)
 
   s = c.s4d = ml_collections.ConfigDict()
-  s.tasks = ("seq_digits", "listops")  # add "pathfinder" with --config.s4d.tasks=seq_digits,listops,pathfinder
+  # add "pathfinder" with "--config.s4d.tasks=('seq_digits','listops','pathfinder')"
+  s.tasks = ("seq_digits", "listops")
   s.inits = ("lin", "inv", "legs")
   s.discs = ("zoh", "bilinear")
   s.disc_tasks = ("seq_digits",)  # tasks run with every disc; the others with discs[0] only
