@@ -33,10 +33,12 @@ def init_variables(module, rng, input_shape, input_dtype=np.float32) -> dict:
   (about a hundred small XLA compilations for a ViT, most of a short run's wall time on a CPU).
   """
   x = dummy_input(input_shape, input_dtype)
-  variables = jax.jit(lambda r: module.init({"params": r, "dropout": r}, x, train=False))(rng)
-  variables = dict(variables)
-  variables.pop("intermediates", None)
-  return variables
+
+  def init(r):  # sown intermediates are dropped inside the program, so XLA removes the forward pass
+    variables = module.init({"params": r, "dropout": r}, x, train=False)
+    return {k: v for k, v in variables.items() if k != "intermediates"}
+
+  return dict(jax.jit(init)(rng))
 
 
 def abstract_variables(module, input_shape, input_dtype=np.float32) -> dict:

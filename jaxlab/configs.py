@@ -23,6 +23,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval_splits = ("validation",)
   c.final_eval_splits = ("test",)
   c.progress = True            # tqdm progress bar
+  c.compilation_cache = "auto"  # train/pipeline jobs: persistent XLA cache ('auto', a directory, ''); compile_cache.py
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "vit"         # see jaxlab.models.names()

@@ -49,6 +49,13 @@ def record_run(config, workdir: str, argv: list[str]) -> None:
 
 def run(config, workdir: str) -> dict:
   """Runs the job that `config.job` names. Library entry point shared with tests and colabs."""
+  from jaxlab import compile_cache
+  cache = config.get("compilation_cache", "") if config.get("job", "train") in ("train", "pipeline") else ""
+  with compile_cache.enabled(cache, workdir):
+    return _run_job(config, workdir)
+
+
+def _run_job(config, workdir: str) -> dict:
   job = config.get("job", "train")
   if job == "train":
     from jaxlab import train

@@ -50,7 +50,6 @@ def get_config(arg: str | None = None):
   c.log_every = 20
   c.progress = False
   c.total_steps = 1              # set per stage by the pipeline
-  c.compilation_cache = "auto"   # persistent XLA cache: '' off, 'auto' ~/.cache/jaxlab/xla, or a directory
   if arg == "smoke":
     c.seeds = (0,)
     c.model.widen_factor = 0.5

@@ -41,7 +41,6 @@ def get_config(arg: str | None = None):
   n.pretrain_lr = 0.0             # 0 = optimizer.lr
   n.finetune_lr = 0.0             # 0 = optimizer.lr
   n.plot = True
-  n.compile_cache = "auto"        # persistent XLA cache in <workdir>/jax_cache ('' = off)
   n.data = ml_collections.ConfigDict({
       "listops": ml_collections.ConfigDict(dict(name="listops", max_length=128, min_length=32, max_depth=10,
                                                 max_args=10, seed=0, train_size=2000, validation_size=200,

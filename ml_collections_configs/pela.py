@@ -20,7 +20,6 @@ teacher; `pela.*` drives the rest of the pipeline (jaxlab/pipelines/pela.py):
   pela.wp_eps          eps of the regularizer ((max |u v - K| - eps)^2)
   pela.finetune_steps  > 0: further fine-tune PELA checkpoints with the task loss only (ordinary checkpoints)
   pela.finetune_variants  which variants get that fine-tuning stage (rows '<variant>+ft')
-  pela.compilation_cache  persistent jax compilation cache in <workdir>/jax_cache (stages share shapes)
   pela.eval_batch_size, pela.throughput_batch, pela.throughput_reps: evaluation and speed measurement
 
 Arguments after `:`: `smoke` (tiny model, a few steps, one seed, under a minute on a CPU).
@@ -64,7 +63,6 @@ def get_config(arg: str | None = None):
   c.pela.wp_eps = 0.0
   c.pela.finetune_steps = 0
   c.pela.finetune_variants = ("pela_fd", "pela_fd_wp")
-  c.pela.compilation_cache = True
   c.pela.eval_batch_size = 360
   c.pela.throughput_batch = 256
   c.pela.throughput_reps = 10

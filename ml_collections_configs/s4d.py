@@ -43,7 +43,6 @@ def get_config(arg: str | None = None):
   s.kernel_task = "seq_digits"    # task whose learned kernels (seed 0) are plotted
   s.kernel_channels = 4           # channels of layer 0 drawn per panel
   s.plot = True
-  s.compilation_cache = True      # persistent JAX cache in <workdir>/.jax_cache: same-shape runs compile once
   s.data = ml_collections.ConfigDict({
       "seq_digits": ml_collections.ConfigDict(dict(name="seq_digits", upsample=1)),
       "listops": ml_collections.ConfigDict(dict(name="listops", max_length=128, min_length=32, max_depth=10,

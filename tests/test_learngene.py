@@ -231,7 +231,6 @@ def test_pipeline_smoke(tmp_path):
   from jaxlab import main
   from jaxlab.pipelines import learngene
   config = learngene.default_config(methods=("tleg", "sws"), smoke=True)
-  config.learngene.compile_cache = False
   out = main.run(config, str(tmp_path))
   with open(os.path.join(tmp_path, "results.json")) as f:
     res = json.load(f)

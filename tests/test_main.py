@@ -59,3 +59,34 @@ def test_unwritable_workdir(tmp_path):
     target = str(ro / "sub")
   proc = run_main(f"--config={SMOKE}", f"--workdir={target}")
   _assert_one_line_error(proc, "--workdir", "not writable")
+
+
+def test_compilation_cache_setting(tmp_path):
+  import jax
+
+  from jaxlab import compile_cache
+  configured = jax.config.jax_compilation_cache_dir  # conftest sets JAX_COMPILATION_CACHE_DIR
+  assert configured
+  assert compile_cache.resolve("", tmp_path) == "" and compile_cache.resolve("off", tmp_path) == ""
+  assert compile_cache.resolve("auto", tmp_path) == configured  # an existing cache is kept
+  assert compile_cache.resolve(True, tmp_path) == configured
+  own = tmp_path / "cache"
+  with compile_cache.enabled(str(own), tmp_path) as path:
+    assert path == str(own) and jax.config.jax_compilation_cache_dir == str(own)
+    jax.jit(lambda x: x * 3 + 1).lower(jax.numpy.arange(7.0)).compile()
+  assert jax.config.jax_compilation_cache_dir == configured  # restored on exit
+  assert own.is_dir() and os.listdir(own)  # the program was written there
+
+
+def test_pipeline_list_keys_accept_comma_separated_overrides():
+  import ml_collections
+
+  from jaxlab import pipelines
+  assert pipelines.as_tuple(("seq_digits,pathfinder",)) == ("seq_digits", "pathfinder")  # how `a,b` arrives
+  assert pipelines.as_tuple("0,1, 2", int) == (0, 1, 2)
+  assert pipelines.as_tuple((3, "4,5"), int) == (3, 4, 5)
+  locked = ml_collections.ConfigDict({"s4d": {"tasks": ("listops,seq_digits",), "seeds": (0,)}})
+  locked.lock()
+  c = pipelines.normalized(locked, "s4d", dict(tasks=str, seeds=int))
+  assert c.s4d.tasks == ("listops", "seq_digits") and c.s4d.seeds == (0,)
+  assert locked.s4d.tasks == ("listops,seq_digits",)  # the caller's config is not changed

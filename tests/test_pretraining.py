@@ -218,7 +218,6 @@ def test_ntfs_smoke_pipeline(tmp_path):
   spec.loader.exec_module(mod)
   cfg = mod.get_config("smoke")
   cfg.ntfs.models = ("s4d_seq",)
-  cfg.ntfs.compile_cache = ""  # no global XLA cache setting inside the test process
   wd = str(tmp_path / "ntfs")
   result = main.run(cfg, wd)
   assert result["runs"] == 2

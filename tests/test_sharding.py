@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import ROOT, run_python
+from conftest import ROOT, TEST_XLA_FLAGS, run_python
 
 TRAIN_SNIPPET = """
 import json, sys
@@ -65,7 +65,7 @@ def test_two_processes_agree_with_one(tmp_path):
     port = s.getsockname()[1]
   wd_multi, wd_single = str(tmp_path / "multi"), str(tmp_path / "single")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = TEST_XLA_FLAGS  # one device per process, the suite's compile flags
   procs = [subprocess.Popen([sys.executable, "-c", WORKER.format(port=port, pid=i, wd=wd_multi)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]

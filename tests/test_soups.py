@@ -14,6 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 from jaxlab import build, checkpoint, configs, data, models, parameterizations, train, transforms, trees
 from jaxlab.transforms import engine, soups
@@ -207,7 +208,7 @@ def test_batch_stats_averaged_or_recomputed(world, tmp_path):
 
 SHARDED = textwrap.dedent("""
     import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + os.environ.get("XLA_FLAGS", "")
     import jax, ml_collections, numpy as np
     from jaxlab.transforms import engine
     from jaxlab import checkpoint, trees
@@ -223,7 +224,7 @@ SHARDED = textwrap.dedent("""
 
 def test_sharded_and_unsharded_soups_agree(world, tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = TEST_XLA_FLAGS  # the snippet adds its 8 devices to the suite's compile flags
   proc = subprocess.run([sys.executable, "-c", SHARDED, ",".join(world["paths"]), str(tmp_path / "sharded")],
                         capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-2000:]

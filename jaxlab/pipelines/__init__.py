@@ -36,6 +36,29 @@ def get(name: str) -> Callable:
   return _PIPELINES[name]
 
 
+def as_tuple(value, kind=str) -> tuple:
+  """A tuple from a tuple/list or comma-separated strings.
+
+  `--config.x.seeds=0,1` arrives as the string '0,1' and `--config.x.tasks=a,b` as ('a,b',) (ml_collections
+  wraps a value that is not a Python literal); both become `(0, 1)` / `('a', 'b')` here.
+  """
+  if isinstance(value, str):
+    value = [value]
+  out = []
+  for v in value:
+    out += [kind(x.strip()) for x in v.split(",") if x.strip()] if isinstance(v, str) else [kind(v)]
+  return tuple(out)
+
+
+def normalized(config, section: str, keys: dict):
+  """An unlocked copy of `config` whose `config.<section>.<key>` lists are tuples (`as_tuple(value, kind)`)."""
+  import ml_collections
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, kind in keys.items():
+    config[section][key] = as_tuple(config[section][key], kind)
+  return config
+
+
 def stage(workdir: str, name: str, config) -> dict:
   """Trains `config` in `<workdir>/<name>` unless it is already done; returns its summary."""
   from jaxlab import train

@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -78,7 +77,6 @@ def default_config(methods: tuple[str, ...] = ("tleg",), smoke: bool = False) ->
       sws_rule="even"))                # sws depth split: 'even' | 'proportional'
   g.scratch = ml_collections.ConfigDict(dict(lr=2e-3, warmup=8, long_factor=4))  # warmup scales with budget
   g.eval_expanded = True               # also test each expansion before fine-tuning (steps = 0)
-  g.compile_cache = True               # persistent XLA cache in <workdir>/.jax_cache (same shapes across seeds)
   c.learngene = g
 
   if smoke:
@@ -97,21 +95,11 @@ def default_config(methods: tuple[str, ...] = ("tleg",), smoke: bool = False) ->
   return c
 
 
-def _as_tuple(value, kind=str) -> tuple:
-  """A tuple from a tuple/list or a comma-separated command-line string ('tleg,sws', '2,4')."""
-  if isinstance(value, str):
-    value = [v for v in value.split(",") if v.strip()]
-  out = []
-  for v in value:
-    out += [kind(x.strip()) for x in v.split(",") if x.strip()] if isinstance(v, str) else [kind(v)]
-  return tuple(out)
-
-
 def _check(g) -> None:
-  g.methods = _as_tuple(g.methods, str)
-  g.depths = _as_tuple(g.depths, int)
-  g.seeds = _as_tuple(g.seeds, int)
-  g.aux.stages = _as_tuple(g.aux.stages, int)
+  g.methods = pipelines.as_tuple(g.methods, str)
+  g.depths = pipelines.as_tuple(g.depths, int)
+  g.seeds = pipelines.as_tuple(g.seeds, int)
+  g.aux.stages = pipelines.as_tuple(g.aux.stages, int)
   unknown = [m for m in g.methods if m not in METHODS]
   if unknown or not g.methods:
     raise ValueError(f"config.learngene.methods={list(g.methods)}: choose from {list(METHODS)}")
@@ -182,10 +170,6 @@ def run(config, workdir: str) -> dict:
   g = config.learngene
   _check(g)
   os.makedirs(workdir, exist_ok=True)
-  if g.get("compile_cache", False):
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), ".jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   rows: list[dict] = []
 
   def row(name, method, depth, seed, summary, steps, init):

@@ -25,7 +25,6 @@ import json
 import os
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -99,7 +98,6 @@ def _test_acc(path: str) -> float:
 def run(config, workdir: str) -> dict:
   """Runs the whole experiment for every seed and writes results.json, results.md and the plot."""
   t0 = time.time()
-  _enable_compilation_cache(config.get("compilation_cache", "auto"))
   rules, baselines = tuple(config.rules), tuple(config.baselines)
   bad = sorted(set(rules) - {"orthogonal", "copy", "zero", "random"})
   if bad:
@@ -177,19 +175,6 @@ def run(config, workdir: str) -> dict:
   write_results(rows, setup, workdir)
   return {"workdir": os.path.abspath(workdir), "rows": len(rows), "wall_s": time.time() - t0,
           "results": os.path.join(os.path.abspath(workdir), "results.json")}
-
-
-def _enable_compilation_cache(where: str) -> None:
-  """Persistent XLA cache: members, grown nets and baselines share shapes across rules, seeds and re-runs.
-
-  `where`: '' (off), 'auto' (`$JAXLAB_XLA_CACHE` or `~/.cache/jaxlab/xla`) or a directory. An already
-  configured `jax_compilation_cache_dir` is left alone.
-  """
-  if not where or jax.config.jax_compilation_cache_dir:
-    return
-  if where == "auto":
-    where = os.environ.get("JAXLAB_XLA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxlab", "xla")
-  jax.config.update("jax_compilation_cache_dir", where)
 
 
 def _template(config, member: int, seed: int) -> dict:

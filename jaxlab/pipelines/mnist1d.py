@@ -85,9 +85,7 @@ def run(config, workdir: str) -> dict:
   """
   from jaxlab import train  # noqa: F401  (stage() trains through it)
   os.makedirs(workdir, exist_ok=True)
-  # `--config.zoo.models=mlp,cnn1d` arrives as ('mlp,cnn1d',): accept both spellings.
-  models = tuple(m.strip() for x in config.zoo.models for m in str(x).split(",") if m.strip())
-  seeds = tuple(int(s) for s in config.zoo.seeds)
+  models, seeds = pipelines.as_tuple(config.zoo.models), pipelines.as_tuple(config.zoo.seeds, int)
   if not models or not seeds:
     raise ValueError("config.zoo.models and config.zoo.seeds must not be empty")
   rows = []

@@ -19,9 +19,8 @@ Config keys (`config.ntfs`, see ml_collections_configs/ntfs.py): tasks, models,
 seeds, pretrain_steps, finetune_steps, objective ('denoise' | 'causal'),
 pixel_loss ('l1' | 'ce': 256-way CE), mask_rate.<task>, data.<task> (a data
 config), model.<model> (a model config without the task-dependent keys),
-ssm_lr, pretrain_lr (0 = optimizer.lr), finetune_lr (0 = optimizer.lr), compile_cache ('auto' =
-`<workdir>/jax_cache`, a directory, or '' for none: a persistent XLA compilation cache, so the seeds reuse
-each other's compiled steps).
+ssm_lr, pretrain_lr (0 = optimizer.lr), finetune_lr (0 = optimizer.lr). The seeds reuse each other's
+compiled steps through the persistent XLA cache (top-level `compilation_cache`, jaxlab/compile_cache.py).
 """
 
 from __future__ import annotations
@@ -138,6 +137,7 @@ def _name(task, model, arm, seed) -> str:
 def run(config, workdir: str) -> dict:
   """Runs every stage, then writes results.json, results.md and ntfs.png into `workdir`."""
   t0 = time.time()
+  config = pipelines.normalized(config, "ntfs", dict(tasks=str, models=str, seeds=int))
   n = config.ntfs
   bad = [o for o in (n.objective,) if o not in ("denoise", "causal")]
   if bad or n.pixel_loss not in ("l1", "ce"):
@@ -145,10 +145,6 @@ def run(config, workdir: str) -> dict:
                      f"{n.objective!r}, {n.pixel_loss!r}")
   for task in n.tasks:
     _dataset(config, task)  # clear errors before any training
-  cache = n.get("compile_cache", "auto")
-  if cache:  # seeds share compiled steps: a persistent XLA cache saves most of the compile time on a CPU
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache") if cache == "auto" else cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   rows, pretrain_rows, stage_wall = [], [], 0.0
   for task in n.tasks:
     for model in n.models:

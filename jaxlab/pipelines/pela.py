@@ -143,10 +143,6 @@ def run(config, workdir: str) -> dict:
   if unknown:
     raise ValueError(f"config.pela.variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
   os.makedirs(workdir, exist_ok=True)
-  if pc.get("compilation_cache", True) and not jax.config.jax_compilation_cache_dir:
-    # Every seed (and the fine-tuning stages) reuse the same shapes: compile each program once.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   t0 = time.time()
   rows: list[dict] = []
   speed: dict[str, float] = {}

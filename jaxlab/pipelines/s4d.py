@@ -10,7 +10,6 @@ paper's claims), `accuracy.png` and `kernels.png` (layer-0 kernels at init and a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -59,6 +58,7 @@ def run(config, workdir: str) -> dict:
   Raises:
     ValueError: for an unknown task name or an init/disc the layer does not know.
   """
+  config = pipelines.normalized(config, "s4d", dict(tasks=str, inits=str, discs=str, disc_tasks=str, seeds=int))
   s = config.s4d
   for task in s.tasks:
     if task not in s.data:
@@ -72,11 +72,9 @@ def run(config, workdir: str) -> dict:
   t0 = time.time()
   infos = {task: data.get_dataset(s.data[task]).info for task in s.tasks}
   rows = []
-  cache = os.path.join(os.path.abspath(workdir), ".jax_cache") if s.get("compilation_cache", True) else ""
   for task, init, disc, seed in _runs(s):
     name = f"{task}/{init}_{disc}/seed{seed}"
-    with compilation_cache(cache):
-      summary = pipelines.stage(workdir, name, stage_config(config, task, init, disc, seed, infos[task]))
+    summary = pipelines.stage(workdir, name, stage_config(config, task, init, disc, seed, infos[task]))
     rows.append({"name": name, "task": task, "model": "s4d_seq", "init": init, "disc": disc,
                  "pretraining": "none", "seed": seed, "test_acc": summary.get("test_accuracy"),
                  "val_acc": summary.get("validation_accuracy"), "params": summary.get("params"),
@@ -94,30 +92,6 @@ def run(config, workdir: str) -> dict:
       plot_kernels(config, workdir, infos[s.kernel_task], os.path.join(workdir, "kernels.png"))
   means = {f"{r['task']}/{r['init']}_{r['disc']}": r["mean"] for r in table}
   return {"workdir": os.path.abspath(workdir), "runs": len(rows), **means}
-
-
-@contextlib.contextmanager
-def compilation_cache(path: str):
-  """JAX's persistent compilation cache in `path` while inside (no-op for an empty path).
-
-  The runs of one (task, disc) differ only in their argument values (seed, init values), so
-  their train and eval steps compile to the same programs: the cache compiles each once.
-  """
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  if not path:
-    yield
-    return
-  old_dir = jax.config.jax_compilation_cache_dir
-  old_min = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  cc.reset_cache()
-  try:
-    yield
-  finally:
-    jax.config.update("jax_compilation_cache_dir", old_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old_min)
-    cc.reset_cache()
 
 
 def _command(config) -> str:
