@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,17 +34,33 @@ def init_variables(module, rng, input_shape, input_dtype=np.float32) -> dict:
   Jit-compiled as one program: run eagerly, every initializer op is compiled on its own
   (about a hundred small XLA compilations for a ViT, most of a short run's wall time on a CPU).
   """
-  x = dummy_input(input_shape, input_dtype)
+  return dict(_init_fn(module, tuple(input_shape), np.dtype(input_dtype).str)(rng))
 
+
+def _init_fn(module, input_shape: tuple, input_dtype: str):
+  """One jitted init per (module, input): Linen modules hash by their fields, so every later stage, load or
+  `abstract_variables` of the same architecture reuses the trace and the compiled program."""
+  try:
+    return _cached_init_fn(module, input_shape, input_dtype)
+  except TypeError:  # a module with an unhashable field
+    return _make_init_fn(module, input_shape, input_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_init_fn(module, input_shape: tuple, input_dtype: str):
+  return _make_init_fn(module, input_shape, input_dtype)
+
+
+def _make_init_fn(module, input_shape: tuple, input_dtype: str):
   def init(r):  # sown intermediates are dropped inside the program, so XLA removes the forward pass
+    x = dummy_input(input_shape, input_dtype)
     variables = module.init({"params": r, "dropout": r}, x, train=False)
     return {k: v for k, v in variables.items() if k != "intermediates"}
-
-  return dict(jax.jit(init)(rng))
+  return jax.jit(init)
 
 
 def abstract_variables(module, input_shape, input_dtype=np.float32) -> dict:
-  return jax.eval_shape(lambda r: init_variables(module, r, input_shape, input_dtype), jax.random.key(0))
+  return dict(jax.eval_shape(_init_fn(module, tuple(input_shape), np.dtype(input_dtype).str), jax.random.key(0)))
 
 
 def parameterization(param_cfg, model_cfg=None):

@@ -13,6 +13,7 @@ again with the same command ends with bitwise the same parameters.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -117,6 +118,19 @@ def make_train_step(module, param, tx, obj_cfg, teacher=None):
   return step
 
 
+def jit_eval_step(module, eval_fn):
+  """The jitted eval step of `module` (no preparer), shared by every evaluation of the same architecture."""
+  try:
+    return _cached_eval_step(module, eval_fn)
+  except TypeError:  # a module with an unhashable field
+    return jax.jit(make_eval_step(module, eval_fn))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_eval_step(module, eval_fn):
+  return jax.jit(make_eval_step(module, eval_fn))
+
+
 def make_eval_step(module, eval_fn, preparer=None, obj_cfg=None):
   """Returns `step(params, model_state, batch) -> metric sums`; `preparer` (e.g. masking for a denoising
   eval) is applied first with a fixed key, so eval masks are the same on every call."""
@@ -133,7 +147,7 @@ def evaluate(module, params, model_state, dataset: data.Dataset, split: str, bat
   """Exact metrics of a model over every example of `split` (padding masked out)."""
   mesh = mesh or sharding.make_mesh()
   eval_fn = eval_fn or objectives.get_eval({})
-  eval_step = eval_step or jax.jit(make_eval_step(module, eval_fn))
+  eval_step = eval_step or jit_eval_step(module, eval_fn)
   n_dev = mesh.shape["data"]
   batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
   totals: dict[str, float] = {}
@@ -318,7 +332,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   train_step = jax.jit(make_train_step(module, param, tx, obj_cfg, teacher), donate_argnums=(0,))
   eval_fn = objectives.get_eval(obj_cfg)
   eval_prep = objectives.get_preparer(obj_cfg) if obj_cfg.get("eval_prepare", False) else None
-  eval_step = jax.jit(make_eval_step(module, eval_fn, eval_prep, obj_cfg))
+  eval_step = jax.jit(make_eval_step(module, eval_fn, eval_prep, obj_cfg)) if eval_prep else jit_eval_step(
+      module, eval_fn)
   materialize = jax.jit(param.materialize)
   eval_bs = int(config.data.get("eval_batch_size", 256))
   eval_splits = tuple(config.get("eval_splits", ("validation",)))

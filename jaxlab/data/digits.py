@@ -14,6 +14,8 @@ pixel noise (std SHIFT_NOISE), clipped to [0, 1]; deterministic (seed 0).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from jaxlab.data import base
@@ -26,10 +28,22 @@ SHIFT_NOISE = 0.1
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
   """All 1797 digits as ([N, 8, 8, 1] float32 in [0, 1], [N] int32 labels)."""
+  x, y, _ = _arrays()
+  return x.copy(), y.copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _arrays():
+  """Read once per process (a pipeline builds the data set for every stage); read-only."""
   from sklearn.datasets import load_digits
   d = load_digits()
   x = (d.images.astype(np.float32) / 16.0)[..., None]
-  return x, d.target.astype(np.int32)
+  y = d.target.astype(np.int32)
+  test = x[split_indices(len(x))["test"]]
+  shifted = shift_images(test)
+  for a in (x, y, shifted):
+    a.flags.writeable = False
+  return x, y, shifted
 
 
 def split_indices(n: int) -> dict[str, np.ndarray]:
@@ -55,10 +69,9 @@ def shift_images(x: np.ndarray, seed: int = 0) -> np.ndarray:
 
 @base.register("digits")
 def build(cfg) -> base.Dataset:
-  x, y = load_digits_arrays()
+  x, y, shifted = _arrays()
   splits = {k: base.ArraySource({"inputs": x[i], "label": y[i]}) for k, i in split_indices(len(x)).items()}
-  test = splits["test"].arrays
-  splits["test_shift"] = base.ArraySource({"inputs": shift_images(test["inputs"]), "label": test["label"]})
+  splits["test_shift"] = base.ArraySource({"inputs": shifted.copy(), "label": splits["test"].arrays["label"].copy()})
   aug = base.image_augment(shift=cfg.get("aug_shift", 0), noise=cfg.get("aug_noise", 0.0))
   return base.Dataset(name="digits", num_classes=10, splits=splits, input_shape=(8, 8, 1),
                       augment=aug, info={"split_sizes": {k: len(v) for k, v in splits.items()}})

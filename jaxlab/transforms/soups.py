@@ -198,7 +198,7 @@ class Evaluator:
     dataset.split(split)  # clear error for an unknown split before any work
     self.module, self.dataset, self.split, self.batch_size = module, dataset, split, batch_size
     self._train = train
-    self._step = jax.jit(train.make_eval_step(module, objectives.get_eval({})))
+    self._step = train.jit_eval_step(module, objectives.get_eval({}))
     self.calls = 0
 
   def __call__(self, params, model_state) -> float:
