@@ -5,7 +5,11 @@ Same shapes (ViT-Ti dims: width 192, depth 12, 3 heads, MLP 768; 32x32x3 inputs,
 process on this machine. Prints both figures and the ratio. On a GPU it also
 prints model FLOPs utilisation (pass --peak_tflops).
 
-    python benchmarks/train_step.py [--batch 32] [--steps 20] [--size Ti]
+    python benchmarks/train_step.py [--batch 32] [--steps 20] [--size Ti] [--breakdown]
+
+`--breakdown` also times the step's building blocks at the same shapes in both
+frameworks (dense matmul, attention core forward and backward, exact GELU,
+LayerNorm), to show where a gap comes from.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ import numpy as np
 
 from jaxlab import configs, models, optim, parameterizations, train, trees
 from jaxlab.models.vit import SIZES
+
+
+def model_flops(width, depth, mlp, batch, tokens, patch, channels=3, classes=10) -> float:
+  """Train-step FLOPs: 3x the forward's matmul FLOPs (forward, and backward for inputs and weights)."""
+  per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width
+  forward = depth * per_layer + 2 * tokens * patch * patch * channels * width + 2 * width * classes
+  return 3.0 * batch * forward
 
 
 def jaxlab_rate(width, depth, heads, mlp, batch, steps, image, patch):
@@ -36,7 +47,8 @@ def jaxlab_rate(width, depth, heads, mlp, batch, steps, image, patch):
   batch_d = {"inputs": jax.device_put(x), "label": jax.device_put(y)}
   rng = jax.random.key(0)
   compiled = step.lower(state, batch_d, rng).compile()
-  flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+  del compiled  # XLA's cost analysis counts a scanned layer once, so the FLOPs are counted analytically
+  flops = model_flops(width, depth, mlp, batch, (image // patch) ** 2, patch)
   for _ in range(3):
     state, m = step(state, batch_d, rng)
   jax.block_until_ready(state)
@@ -99,6 +111,61 @@ def torch_rate(width, depth, heads, mlp, batch, steps, image, patch):
   return batch * steps / (time.perf_counter() - t), torch.__version__, torch.get_num_threads()
 
 
+def _time(fn, reps=30):
+  fn()
+  t = time.perf_counter()
+  for _ in range(reps):
+    fn()
+  return (time.perf_counter() - t) / reps
+
+
+def breakdown(width, heads, mlp, batch, tokens):
+  """Milliseconds of the train step's building blocks in jax (jit) and torch, same shapes."""
+  import jax.numpy as jnp
+  import torch
+
+  rng = np.random.default_rng(0)
+  rows = batch * tokens
+  dh = width // heads
+  x, w = rng.random((rows, width), np.float32), rng.random((width, mlp), np.float32)
+  h = rng.random((rows, mlp), np.float32)
+  q = rng.random((batch, tokens, heads, dh), np.float32)
+
+  def jattn(q, k, v):
+    a = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh).astype(np.float32), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", a, v)
+
+  jfns = {
+      "matmul [B*T,D]x[D,M]": (jax.jit(lambda a, b: a @ b), (x, w)),
+      "attention fwd": (jax.jit(jattn), (q, q, q)),
+      "attention fwd+bwd": (jax.jit(jax.grad(lambda q, k, v: jattn(q, k, v).sum(), argnums=(0, 1, 2))), (q, q, q)),
+      "gelu (erf) [B*T,M]": (jax.jit(lambda a: jax.nn.gelu(a, approximate=False)), (h,)),
+      "layernorm [B*T,D]": (jax.jit(lambda a: (a - a.mean(-1, keepdims=True)) * jax.lax.rsqrt(
+          a.var(-1, keepdims=True) + 1e-6)), (x,)),
+  }
+  tq = torch.from_numpy(q).permute(0, 2, 1, 3).contiguous().requires_grad_(True)
+
+  def tattn_bwd():
+    tq.grad = None
+    torch.nn.functional.scaled_dot_product_attention(tq, tq, tq).sum().backward()
+
+  tfns = {
+      "matmul [B*T,D]x[D,M]": lambda: torch.from_numpy(x) @ torch.from_numpy(w),
+      "attention fwd": lambda: torch.nn.functional.scaled_dot_product_attention(tq.detach(), tq.detach(),
+                                                                                tq.detach()),
+      "attention fwd+bwd": tattn_bwd,
+      "gelu (erf) [B*T,M]": lambda: torch.nn.functional.gelu(torch.from_numpy(h)),
+      "layernorm [B*T,D]": lambda: torch.nn.functional.layer_norm(torch.from_numpy(x), (width,)),
+  }
+  print(f"{'building block':24s} {'jax ms':>8s} {'torch ms':>9s} {'jax/torch time':>15s}")
+  for name, (fn, args) in jfns.items():
+    dev = [jax.device_put(a) for a in args]
+    tj = _time(lambda fn=fn, dev=dev: jax.block_until_ready(fn(*dev)))
+    with torch.no_grad() if "bwd" not in name else torch.enable_grad():
+      tt = _time(tfns[name])
+    print(f"{name:24s} {tj * 1e3:8.2f} {tt * 1e3:9.2f} {tj / tt:14.2f}x")
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--size", default="Ti", choices=sorted(SIZES))
@@ -107,13 +174,15 @@ def main():
   ap.add_argument("--image", type=int, default=32)
   ap.add_argument("--patch", type=int, default=4)
   ap.add_argument("--peak_tflops", type=float, default=0.0, help="accelerator peak (for MFU)")
+  ap.add_argument("--breakdown", action="store_true", help="also time the building blocks in both frameworks")
   a = ap.parse_args()
   width, depth, heads, mlp = SIZES[a.size]
   shape = (width, depth, heads, mlp, a.batch, a.steps, a.image, a.patch)
   jr, flops, n = jaxlab_rate(*shape)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; ViT-{a.size} ({n:,} params), batch {a.batch}, "
         f"{(a.image // a.patch) ** 2} tokens")
-  print(f"jaxlab  train step: {jr:9.1f} examples/s  ({flops / 1e9:.2f} GFLOP per step by XLA cost analysis)")
+  print(f"jaxlab  train step: {jr:9.1f} examples/s  ({flops / 1e9:.1f} GFLOP per step, analytic; "
+        f"{jr / a.batch * flops / 1e9:.1f} GFLOP/s)")
   if a.peak_tflops:
     print(f"jaxlab  MFU: {jr / a.batch * flops / (a.peak_tflops * 1e12):.1%}")
   try:
@@ -123,6 +192,8 @@ def main():
     return
   print(f"pytorch train step: {tr:9.1f} examples/s  (torch {tv}, {threads} threads)")
   print(f"ratio jaxlab / pytorch: {jr / tr:.2f}x")
+  if a.breakdown:
+    breakdown(width, heads, mlp, a.batch, (a.image // a.patch) ** 2)
 
 
 if __name__ == "__main__":
