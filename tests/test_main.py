@@ -90,3 +90,12 @@ def test_pipeline_list_keys_accept_comma_separated_overrides():
   c = pipelines.normalized(locked, "s4d", dict(tasks=str, seeds=int))
   assert c.s4d.tasks == ("listops", "seq_digits") and c.s4d.seeds == (0,)
   assert locked.s4d.tasks == ("listops,seq_digits",)  # the caller's config is not changed
+
+
+def test_pipeline_command_line_shows_the_recorded_overrides(tmp_path):
+  from jaxlab import pipelines
+  assert pipelines.command("s4d.py", str(tmp_path)).endswith(f"--config=ml_collections_configs/s4d.py "
+                                                              f"--workdir={tmp_path}")
+  (tmp_path / "overrides.txt").write_text("--config.s4d.tasks=('listops','pathfinder')\n--config.seed=3\n")
+  assert pipelines.command("s4d.py", str(tmp_path)).endswith(
+      f"--workdir={tmp_path} \"--config.s4d.tasks=('listops','pathfinder')\" --config.seed=3")

@@ -243,3 +243,18 @@ def test_ntfs_bad_objective(tmp_path):
   cfg.ntfs = ml_collections.ConfigDict(dict(objective="bert", pixel_loss="l1", tasks=(), models=(), seeds=()))
   with pytest.raises(ValueError, match="objective"):
     main.run(cfg, str(tmp_path))
+
+
+def test_findings_make_no_claim_for_a_task_at_chance():
+  from jaxlab.pipelines import ntfs
+  at = lambda m: {"mean": m, "std": 0.005, "n": 3}  # noqa: E731
+  summary = {("pf", "s4d_seq", "none"): at(0.50), ("pf", "s4d_seq", "denoise"): at(0.497),
+             ("pf", "transformer_seq", "none"): at(0.493), ("pf", "transformer_seq", "denoise"): at(0.50),
+             ("lo", "s4d_seq", "none"): at(0.20), ("lo", "s4d_seq", "denoise"): at(0.25),
+             ("lo", "transformer_seq", "none"): at(0.30), ("lo", "transformer_seq", "denoise"): at(0.40)}
+  lines = ntfs.findings(summary, "denoise", {"pf": 0.5, "lo": 0.1})
+  pf = [x for x in lines if "**pf**" in x]
+  assert len(pf) == 1 and "at chance (50%)" in pf[0]
+  lo = "\n".join(x for x in lines if "pf" not in x)
+  assert "+10.0 points for the Transformer and +5.0 for S4D" in lo and "the Transformer gains more" in lo
+  assert "-10.0 points from scratch, -15.0 with SPT" in lo and "does not narrow" in lo

@@ -325,3 +325,13 @@ def test_pipeline_smoke_writes_results_and_resumes(tmp_path):
   assert again == out
   with pytest.raises(ValueError, match="smoke"):
     _load_config("big")
+
+
+def test_claims_skip_a_task_at_chance():
+  from jaxlab.pipelines import s4d as s4d_pipeline
+  row = lambda task, init, mean, std=0.0: dict(task=task, init=init, disc="zoh", mean=mean, std=std, n=3)  # noqa: E731
+  table = [row("pf", "lin", 0.5), row("pf", "inv", 0.5), row("pf", "legs", 0.5),
+           row("lo", "lin", 0.30, 0.01), row("lo", "inv", 0.31, 0.01), row("lo", "legs", 0.25, 0.01)]
+  lines = s4d_pipeline._claims(table, {"pf": 0.5, "lo": 0.1})
+  assert lines[0].startswith("- pf: every variant is at chance (50%)") and len(lines) == 2
+  assert lines[1].startswith("- lo: |Inv - LegS| = 6.0 points, outside two seed std (1.0)")

@@ -59,6 +59,23 @@ def normalized(config, section: str, keys: dict):
   return config
 
 
+def command(config_file: str, workdir: str) -> str:
+  """The command line that wrote `workdir`, with the overrides `jaxlab.main` recorded in overrides.txt."""
+  import shlex
+  path = os.path.join(workdir, "overrides.txt")
+  overrides = open(path).read().split("\n") if os.path.exists(path) else []
+  rel = os.path.relpath(workdir)
+  shown = rel if not rel.startswith("..") else os.path.abspath(workdir)
+
+  def quote(arg: str) -> str:  # "--config.x=('a','b')" as one would type it
+    if shlex.quote(arg) == arg or any(c in arg for c in '"$`\\'):
+      return shlex.quote(arg)
+    return f'"{arg}"'
+
+  return " ".join(["python -m jaxlab.main", f"--config=ml_collections_configs/{config_file}", f"--workdir={shown}"]
+                  + [quote(o) for o in overrides if o.strip()])
+
+
 def stage(workdir: str, name: str, config) -> dict:
   """Trains `config` in `<workdir>/<name>` unless it is already done; returns its summary."""
   from jaxlab import train

@@ -70,7 +70,9 @@ def run(config, workdir: str) -> dict:
       raise ValueError(f"config.s4d.discs: unknown discretization {disc!r}; choose from {s4d_lib.DISCS}")
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
-  infos = {task: data.get_dataset(s.data[task]).info for task in s.tasks}
+  datasets = {task: data.get_dataset(s.data[task]) for task in s.tasks}
+  infos = {task: ds.info for task, ds in datasets.items()}
+  result_chance = {task: 1.0 / ds.num_classes for task, ds in datasets.items()}
   rows = []
   for task, init, disc, seed in _runs(s):
     name = f"{task}/{init}_{disc}/seed{seed}"
@@ -79,23 +81,19 @@ def run(config, workdir: str) -> dict:
                  "pretraining": "none", "seed": seed, "test_acc": summary.get("test_accuracy"),
                  "val_acc": summary.get("validation_accuracy"), "params": summary.get("params"),
                  "wall_s": summary.get("wall_s"), "steps": summary.get("steps")})
-  result = {"rows": rows, "wall_s": time.time() - t0, "command": _command(config),
+  result = {"rows": rows, "wall_s": time.time() - t0, "command": pipelines.command("s4d.py", workdir),
             "machine": f"{platform.machine()} CPU x{os.cpu_count()} ({jax.default_backend()})"}
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(result, f, indent=2)
   table = aggregate(rows)
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(markdown(config, table, result))
+    f.write(markdown(config, table, result, result_chance))
   if s.get("plot", True):
     plot_accuracy(table, os.path.join(workdir, "accuracy.png"))
     if s.kernel_task in tuple(s.tasks):
       plot_kernels(config, workdir, infos[s.kernel_task], os.path.join(workdir, "kernels.png"))
   means = {f"{r['task']}/{r['init']}_{r['disc']}": r["mean"] for r in table}
   return {"workdir": os.path.abspath(workdir), "runs": len(rows), **means}
-
-
-def _command(config) -> str:
-  return "python -m jaxlab.main --config=ml_collections_configs/s4d.py --workdir=runs/s4d"
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -107,12 +105,21 @@ def aggregate(rows: list[dict]) -> list[dict]:
           for (t, i, d), v in groups.items()]
 
 
-def _claims(table: list[dict]) -> list[str]:
-  """Sentences about the paper's claims, computed from the table."""
+def _claims(table: list[dict], chance: dict[str, float] | None = None) -> list[str]:
+  """Sentences about the paper's claims, computed from the table.
+
+  `chance` (task -> 1 / number of classes): a task where every variant is within 2 points (or two
+  seed std) of chance gets no claim, since nothing was learned and equal accuracies say nothing.
+  """
   out = []
   by = {(r["task"], r["init"], r["disc"]): r for r in table}
   tasks = list(dict.fromkeys(r["task"] for r in table))
   for task in tasks:
+    rows = [r for r in table if r["task"] == task]
+    if chance and task in chance and all(abs(r["mean"] - chance[task]) <= max(0.02, 2 * r["std"]) for r in rows):
+      out.append(f"- {task}: every variant is at chance ({100 * chance[task]:.0f}%): no model learned the task "
+                 "at this budget, so the task says nothing about the claims.")
+      continue
     inv, legs, lin = (by.get((task, i, "zoh")) for i in ("inv", "legs", "lin"))
     if inv and legs:
       gap = abs(inv["mean"] - legs["mean"])
@@ -131,7 +138,7 @@ def _claims(table: list[dict]) -> list[str]:
   return out
 
 
-def markdown(config, table: list[dict], result: dict) -> str:
+def markdown(config, table: list[dict], result: dict, chance: dict[str, float] | None = None) -> str:
   """results.md: command, setup, table and the claims check."""
   s = config.s4d
   m = config.model
@@ -139,7 +146,7 @@ def markdown(config, table: list[dict], result: dict) -> str:
       "# S4D: initialisations and discretizations on the built-in sequence tasks", "",
       f"Command: `{result['command']}`", "",
       f"Seeds: {', '.join(str(x) for x in s.seeds)}. Machine: {result['machine']}, shared with other jobs; "
-      f"total wall time {result['wall_s'] / 60:.1f} min.", "",
+      f"training wall time {sum(r.get('wall_s') or 0.0 for r in result['rows']) / 60:.1f} min (sum over runs).", "",
       f"Model: `s4d_seq`, d_model {m.d_model}, {m.n_layers} layers, d_state {m.d_state}, "
       f"{'bidirectional' if not m.causal else 'causal'}, {'pre' if m.prenorm else 'post'}-{m.norm} norm, "
       f"mean pooling; {config.total_steps} steps of batch {config.data.batch_size}, AdamW lr "
@@ -155,7 +162,7 @@ def markdown(config, table: list[dict], result: dict) -> str:
   lines += ["", "## What the numbers say", "",
             "Paper (S4D, LRA): S4D-Inv and S4D-LegS perform close to each other (and to S4D-Lin except on "
             "Path-X); ZOH vs bilinear \"should make little difference\". At this scale:", ""]
-  lines += _claims(table)
+  lines += _claims(table, chance)
   lines += ["", "These are short CPU runs of small models on small generated tasks, so they test the "
             "implementation and the qualitative claims, not the LRA numbers. `accuracy.png`: accuracy by task "
             "and variant; `kernels.png`: layer-0 kernels of seed 0 at init and after training.", ""]
