@@ -72,6 +72,24 @@ def _apply(module, params, model_state, inputs, *, train, rng=None, features=Fal
   return logits, new_state, feats
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX tries `import torch` at import time only to accept torch tensors; where torch is installed
+  (the `bench` extra) that costs seconds per process. We log numbers, so torch is hidden while it imports.
+  """
+  import sys
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 def make_train_step(module, param, tx, obj_cfg, teacher=None):
   """Returns a pure `step(state, batch) -> (state, metrics)`."""
   need = objectives.needs(obj_cfg)
@@ -237,8 +255,7 @@ class MetricWriter:
     if self.enabled:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
       except ImportError:  # pragma: no cover
         self._tb = None
 
