@@ -117,8 +117,8 @@ class S4DBlock(nn.Module):
     return x, new_state
 
 
-class S4DSeq(nn.Module):
-  """S4D sequence backbone (see the module docstring for the keys)."""
+class SeqBackbone(nn.Module):
+  """The interface both sequence backbones share (see the module docstring); subclasses add their layer keys."""
   num_classes: int
   d_model: int = 64
   n_layers: int = 2
@@ -132,6 +132,10 @@ class S4DSeq(nn.Module):
   output: str = "classify"
   out_dim: int = 0
   causal: bool = False
+
+
+class S4DSeq(SeqBackbone):
+  """S4D sequence backbone (see the module docstring for the keys)."""
   d_state: int = 64
   ssm_init: str = "lin"     # config key `init`
   disc: str = "zoh"
@@ -208,21 +212,8 @@ class TransformerBlock(nn.Module):
     return x, None
 
 
-class TransformerSeq(nn.Module):
+class TransformerSeq(SeqBackbone):
   """Transformer sequence backbone with the same interface as `S4DSeq`."""
-  num_classes: int
-  d_model: int = 64
-  n_layers: int = 2
-  dropout: float = 0.0
-  prenorm: bool = True
-  norm: str = "layer"
-  vocab_size: int = 0
-  input_channels: int = 1
-  mask_channel: bool = False
-  pool: str = "mean"
-  output: str = "classify"
-  out_dim: int = 0
-  causal: bool = False
   num_heads: int = 4
   mlp_dim: int = 0
   max_len: int = 2048
