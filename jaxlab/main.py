@@ -120,10 +120,25 @@ def main(argv):
   print(_summary_line(result), flush=True)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an error in the config file (e.g. an unknown `:arg`) as one line, exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    cause = next((ln for ln in reversed(lines) if ln.split(":")[0].endswith(("Error", "Exception"))), None)
+    if cause is None:  # a missing required flag and the like
+      print(f"error: {lines[0] if lines else e} (see --helpshort)", file=sys.stderr)
+    else:
+      cfg = next((a for a in argv if a.startswith("--config=")), "--config")
+      print(f"error: {cfg}: {cause.split(':', 1)[1].strip()}", file=sys.stderr)
+    sys.exit(2)
+
+
 def entry():
   flags.mark_flags_as_required(["config", "workdir"])
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # a bad --config.x override, raised while parsing
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     msg = " ".join(str(e).replace("\\n", " ").replace("\\", "").replace("'", "").replace('"', "").split())

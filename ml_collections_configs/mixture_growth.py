@@ -56,8 +56,8 @@ def get_config(arg: str | None = None):
     c.model.stem_width = 8
     c.member_steps = 6
     c.grow_steps = 4
-    c.rules = ("orthogonal", "zero")
-    c.baselines = ("small", "net2net", "random_growth", "large")
+    c.rules = ("orthogonal",)     # the tests add the other rules and baselines
+    c.baselines = ("large",)
     c.optimizer.warmup_steps = 1
     c.log_every = 2
   elif arg:

@@ -37,6 +37,7 @@ def test_smoke_run_records_config_and_overrides(tmp_path):
 @pytest.mark.parametrize("args,fragments", [
     (["--config=ml_collections_configs/nope.py"], ["nope.py"]),
     ([f"--config={SMOKE}", "--config.optimizer.lrr=1"], ["lrr"]),
+    (["--config=ml_collections_configs/transform.py:nope"], ["transform.py:nope", "unknown transform 'nope'"]),
     ([f"--config={SMOKE}", "--config.model.name=resnet9000"], ["config.model.name", "resnet9000"]),
     ([f"--config={SMOKE}", "--config.data.name=imagenet_v9"], ["config.data.name", "imagenet_v9"]),
     ([f"--config={SMOKE}", "--config.data.name=tfds", "--config.data.tfds_name=mnist",
@@ -46,6 +47,7 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path, args, fragments)
   wd = tmp_path / "out"
   proc = run_main(*args, f"--workdir={wd}")
   _assert_one_line_error(proc, *fragments)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert not wd.exists()
 
 

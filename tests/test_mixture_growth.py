@@ -264,6 +264,8 @@ def test_pipeline_smoke(tmp_path):
   cfg_mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cfg_mod)
   config = cfg_mod.get_config("smoke")  # ml_collections_configs/mixture_growth.py:smoke
+  config.rules = ("orthogonal", "zero")  # the smoke config runs one rule and one baseline; test them all
+  config.baselines = ("small", "net2net", "random_growth", "large")
   out = main.run(config, str(tmp_path))
   with open(out["results"]) as f:
     res = json.load(f)
