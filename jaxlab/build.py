@@ -37,21 +37,25 @@ def init_variables(module, rng, input_shape, input_dtype=np.float32) -> dict:
   return dict(_init_fn(module, tuple(input_shape), np.dtype(input_dtype).str)(rng))
 
 
+def per_architecture(make):
+  """Caches `make(module, ...)` (a jitted function) by its arguments. Linen modules hash by their fields, so
+  every later stage, checkpoint load or evaluation of the same architecture reuses the trace and the compiled
+  program; arguments that cannot be hashed (a module with a list field) just build a new one."""
+  cached = functools.lru_cache(maxsize=64)(make)
+
+  @functools.wraps(make)
+  def get(*args):
+    try:
+      hash(args)
+    except TypeError:
+      return make(*args)
+    return cached(*args)
+  return get
+
+
+@per_architecture
 def _init_fn(module, input_shape: tuple, input_dtype: str):
-  """One jitted init per (module, input): Linen modules hash by their fields, so every later stage, load or
-  `abstract_variables` of the same architecture reuses the trace and the compiled program."""
-  try:
-    return _cached_init_fn(module, input_shape, input_dtype)
-  except TypeError:  # a module with an unhashable field
-    return _make_init_fn(module, input_shape, input_dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_init_fn(module, input_shape: tuple, input_dtype: str):
-  return _make_init_fn(module, input_shape, input_dtype)
-
-
-def _make_init_fn(module, input_shape: tuple, input_dtype: str):
+  """One jitted init per (module, input), shared by `init_variables` and `abstract_variables`."""
   def init(r):  # sown intermediates are dropped inside the program, so XLA removes the forward pass
     x = dummy_input(input_shape, input_dtype)
     variables = module.init({"params": r, "dropout": r}, x, train=False)

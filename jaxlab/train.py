@@ -13,7 +13,6 @@ again with the same command ends with bitwise the same parameters.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -136,16 +135,9 @@ def make_train_step(module, param, tx, obj_cfg, teacher=None):
   return step
 
 
+@build.per_architecture
 def jit_eval_step(module, eval_fn):
   """The jitted eval step of `module` (no preparer), shared by every evaluation of the same architecture."""
-  try:
-    return _cached_eval_step(module, eval_fn)
-  except TypeError:  # a module with an unhashable field
-    return jax.jit(make_eval_step(module, eval_fn))
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_eval_step(module, eval_fn):
   return jax.jit(make_eval_step(module, eval_fn))
 
 

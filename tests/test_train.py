@@ -116,3 +116,22 @@ def test_epochs_resolve_to_steps():
   cfg.total_steps = 5
   with pytest.raises(ValueError, match="only one of total_steps and total_epochs"):
     train.resolve_steps(cfg, 1077)
+
+
+def test_init_and_eval_programs_are_shared_per_architecture():
+  import jax
+
+  from jaxlab import build, objectives, train
+  from jaxlab.models import vit
+  make = lambda **kw: vit.ViT(10, width=16, depth=1, num_heads=2, mlp_dim=16, **kw)  # noqa: E731
+  ev = objectives.get_eval({})
+  assert train.jit_eval_step(make(), ev) is train.jit_eval_step(make(), ev)  # equal modules: one program
+  assert train.jit_eval_step(make(), ev) is not train.jit_eval_step(make(pool="cls"), ev)
+  a = build.init_variables(make(), jax.random.key(0), (8, 8, 1))
+  b = build.init_variables(make(), jax.random.key(0), (8, 8, 1))
+  assert "intermediates" not in a and jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), a, b))
+  shapes = build.abstract_variables(make(), (8, 8, 1))
+  assert jax.tree.map(lambda x: x.shape, shapes) == jax.tree.map(lambda x: x.shape, a)
+  calls = []
+  cached = build.per_architecture(lambda *args: calls.append(args) or len(calls))
+  assert cached(1, (2,)) == cached(1, (2,)) == 1 and cached([1], 2) == 2 and cached([1], 2) == 3  # lists: no cache
