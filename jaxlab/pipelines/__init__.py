@@ -59,6 +59,12 @@ def normalized(config, section: str, keys: dict):
   return config
 
 
+def at_chance(stats, chance: float | None) -> bool:
+  """Whether every `{'mean', 'std'}` in `stats` is within 2 points (or two seed std) of `chance` accuracy:
+  then no arm learned the task, and the differences between arms are noise, not evidence for a claim."""
+  return chance is not None and all(abs(s["mean"] - chance) <= max(0.02, 2 * s["std"]) for s in stats)
+
+
 def command(config_file: str, workdir: str) -> str:
   """The command line that wrote `workdir`, with the overrides `jaxlab.main` recorded in overrides.txt."""
   import shlex

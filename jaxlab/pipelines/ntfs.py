@@ -219,7 +219,7 @@ def findings(summary: dict, objective: str, chance: dict[str, float] | None = No
     if len(gains) < 2:
       continue
     arms = [summary[(task, m, a)] for m in ("s4d_seq", "transformer_seq") for a in ("none", objective)]
-    if chance and task in chance and all(abs(s["mean"] - chance[task]) <= max(0.02, 2 * s["std"]) for s in arms):
+    if pipelines.at_chance(arms, (chance or {}).get(task)):
       lines.append(f"- **{task}**: every model is at chance ({100 * chance[task]:.0f}%) with and without "
                    "self-pretraining: nothing was learned at this budget, so the differences are noise and say "
                    "nothing about the claims.")

@@ -72,7 +72,7 @@ def run(config, workdir: str) -> dict:
   t0 = time.time()
   datasets = {task: data.get_dataset(s.data[task]) for task in s.tasks}
   infos = {task: ds.info for task, ds in datasets.items()}
-  result_chance = {task: 1.0 / ds.num_classes for task, ds in datasets.items()}
+  chance = {task: 1.0 / ds.num_classes for task, ds in datasets.items()}
   rows = []
   for task, init, disc, seed in _runs(s):
     name = f"{task}/{init}_{disc}/seed{seed}"
@@ -87,7 +87,7 @@ def run(config, workdir: str) -> dict:
     json.dump(result, f, indent=2)
   table = aggregate(rows)
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(markdown(config, table, result, result_chance))
+    f.write(markdown(config, table, result, chance))
   if s.get("plot", True):
     plot_accuracy(table, os.path.join(workdir, "accuracy.png"))
     if s.kernel_task in tuple(s.tasks):
@@ -115,8 +115,7 @@ def _claims(table: list[dict], chance: dict[str, float] | None = None) -> list[s
   by = {(r["task"], r["init"], r["disc"]): r for r in table}
   tasks = list(dict.fromkeys(r["task"] for r in table))
   for task in tasks:
-    rows = [r for r in table if r["task"] == task]
-    if chance and task in chance and all(abs(r["mean"] - chance[task]) <= max(0.02, 2 * r["std"]) for r in rows):
+    if pipelines.at_chance([r for r in table if r["task"] == task], (chance or {}).get(task)):
       out.append(f"- {task}: every variant is at chance ({100 * chance[task]:.0f}%): no model learned the task "
                  "at this budget, so the task says nothing about the claims.")
       continue
