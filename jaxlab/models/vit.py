@@ -14,6 +14,16 @@ Parameter paths (every block leaf has a leading depth axis of size `depth`):
     norm/{scale,bias} [D]                      final LayerNorm
     head/{kernel [D, K], bias [K]}
 
+Options that timm / DeiT checkpoints need (all off by default, so existing
+checkpoints keep their trees): `class_token=True` with `pool='gap'` (a class
+token that average pooling skips, as timm's `global_pool='avg'`); `distilled`
+(DeiT: `dist_token [1, 1, D]` after the class token and `head_dist/{kernel,bias}`;
+the output is the mean of the two heads, timm's eval output); `layer_scale > 0`
+(DeiT-III / CaiT LayerScale: `blocks/ls1/scale`, `blocks/ls2/scale` [L, D]
+multiply the attention and MLP branches, initialised to `layer_scale`);
+`no_embed_class` (`pos_embed [1, N_patches, D]` is added to the patches before
+the prefix tokens are prepended, as DeiT-III and big_vision).
+
 `final_norm='tokens'` applies the final LayerNorm to every token before pooling
 (DeiT, TLEG auxiliary nets); `final_norm='pooled'` applies it after global
 average pooling (timm's `fc_norm`, TLEG descendants). Every block's output is
@@ -85,6 +95,16 @@ class Mlp(nn.Module):
     return nn.Dropout(self.dropout)(x, deterministic=not train)
 
 
+class LayerScale(nn.Module):
+  """LayerScale (timm `ls1`/`ls2`, param `scale` [D]): a learned per-channel gain on a residual branch."""
+  init_value: float
+
+  @nn.compact
+  def __call__(self, y):
+    scale = self.param("scale", nn.initializers.constant(self.init_value), (y.shape[-1],))
+    return y * scale.astype(y.dtype)
+
+
 class Block(nn.Module):
   """Pre-LayerNorm transformer block; `drop_path` is this layer's stochastic depth rate."""
   num_heads: int
@@ -94,6 +114,10 @@ class Block(nn.Module):
   ln_eps: float = 1e-6
   dense_factory: Callable[..., nn.Module] = dense
   dtype: Any = None
+  layer_scale: float = 0.0
+
+  def _scale(self, y, name: str):
+    return LayerScale(self.layer_scale, name=name)(y) if self.layer_scale else y
 
   def _drop_path(self, y, rate, train):
     if not train:
@@ -107,10 +131,10 @@ class Block(nn.Module):
   def __call__(self, x, drop_path, train: bool):
     y = nn.LayerNorm(epsilon=self.ln_eps, name="norm1", dtype=self.dtype)(x)
     y = Attention(self.num_heads, self.dense_factory, self.attn_dropout, self.dtype, name="attn")(y, train)
-    x = x + self._drop_path(y, drop_path, train)
+    x = x + self._drop_path(self._scale(y, "ls1"), drop_path, train)
     y = nn.LayerNorm(epsilon=self.ln_eps, name="norm2", dtype=self.dtype)(x)
     y = Mlp(self.mlp_dim, self.dense_factory, self.dropout, self.dtype, name="mlp")(y, train)
-    x = x + self._drop_path(y, drop_path, train)
+    x = x + self._drop_path(self._scale(y, "ls2"), drop_path, train)
     self.sow("intermediates", "features", x)
     return x, None
 
@@ -125,6 +149,10 @@ class ViT(nn.Module):
     pool: 'cls' (class token) or 'gap' (global average pooling).
     final_norm: 'tokens' (LayerNorm per token, then pool) or 'pooled'.
     drop_path: maximum stochastic depth rate (linear over layers, as DeiT).
+    class_token: a class token; None means `pool == 'cls'`.
+    distilled: DeiT distillation token and `head_dist` (output: mean of the two heads).
+    layer_scale: LayerScale init value; 0 means no LayerScale parameters.
+    no_embed_class: position embeddings for the patches only (prefix tokens get none).
   """
   num_classes: int
   patch_size: int = 2
@@ -140,6 +168,10 @@ class ViT(nn.Module):
   ln_eps: float = 1e-6
   dense_factory: Callable[..., nn.Module] = dense
   dtype: Any = None
+  class_token: bool | None = None
+  distilled: bool = False
+  layer_scale: float = 0.0
+  no_embed_class: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -154,13 +186,26 @@ class ViT(nn.Module):
     x = embed(x.astype(self.dtype or jnp.float32))
     b = x.shape[0]
     x = x.reshape(b, -1, self.width)
-    if self.pool == "cls":
-      cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
-      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
-    elif self.pool != "gap":
+    if self.pool not in ("cls", "gap"):
       raise ValueError(f"model.pool must be 'cls' or 'gap', got {self.pool!r}")
-    pos = self.param("pos_embed", trunc_normal, (1, x.shape[1], self.width))
-    x = nn.Dropout(self.dropout)(x + pos, deterministic=not train)
+    has_cls = self.pool == "cls" if self.class_token is None else bool(self.class_token)
+    if (self.pool == "cls" or self.distilled) and not has_cls:
+      raise ValueError("model.class_token=False needs model.pool='gap' and model.distilled=False")
+    if self.distilled and (self.pool != "cls" or self.final_norm != "tokens"):
+      raise ValueError("model.distilled needs model.pool='cls' and model.final_norm='tokens' (as DeiT)")
+    prefix = []
+    if has_cls:
+      prefix.append(self.param("cls_token", nn.initializers.zeros, (1, 1, self.width)))
+    if self.distilled:
+      prefix.append(self.param("dist_token", trunc_normal, (1, 1, self.width)))
+    prefix = [jnp.broadcast_to(t, (b, 1, self.width)).astype(x.dtype) for t in prefix]
+    if self.no_embed_class:
+      x = x + self.param("pos_embed", trunc_normal, (1, x.shape[1], self.width))
+      x = jnp.concatenate([*prefix, x], axis=1)
+    else:
+      x = jnp.concatenate([*prefix, x], axis=1)
+      x = x + self.param("pos_embed", trunc_normal, (1, x.shape[1], self.width))
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
     rates = jnp.linspace(0.0, self.drop_path, self.depth) if self.depth > 1 else jnp.zeros((1,))
     blocks = nn.scan(
@@ -170,18 +215,24 @@ class ViT(nn.Module):
         in_axes=(0, nn.broadcast),
         length=self.depth,
     )(self.num_heads, self.mlp_dim, self.dropout, self.attn_dropout, self.ln_eps,
-      self.dense_factory, self.dtype, name="blocks")
+      self.dense_factory, self.dtype, layer_scale=self.layer_scale, name="blocks")
     x, _ = blocks(x, rates, train)
 
     norm = nn.LayerNorm(epsilon=self.ln_eps, name="norm", dtype=self.dtype)
+    n_prefix = len(prefix)
     if self.final_norm == "tokens":
       x = norm(x)
-      x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
-    elif self.final_norm == "pooled":
-      x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
-      x = norm(x)
-    else:
+    elif self.final_norm != "pooled":
       raise ValueError(f"model.final_norm must be 'tokens' or 'pooled', got {self.final_norm!r}")
+    if self.distilled:  # DeiT: class and distillation tokens each get a head; the output is their mean
+      if self.num_classes <= 0:
+        return (x[:, 0] + x[:, 1]) / 2
+      heads = [nn.Dense(self.num_classes, name=n, kernel_init=trunc_normal, dtype=self.dtype)(x[:, i])
+               for i, n in enumerate(("head", "head_dist"))]
+      return ((heads[0] + heads[1]) / 2).astype(jnp.float32)
+    x = x[:, 0] if self.pool == "cls" else x[:, n_prefix:].mean(axis=1)  # timm's avg pool skips prefix tokens
+    if self.final_norm == "pooled":
+      x = norm(x)
     if self.num_classes <= 0:
       return x
     return nn.Dense(self.num_classes, name="head", kernel_init=trunc_normal,
