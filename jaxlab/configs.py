@@ -36,6 +36,30 @@ def base() -> ml_collections.ConfigDict:
   c.data.aug_noise = 0.0       # Gaussian pixel noise std (images)
   c.data.tfds_name = ""        # data.name='tfds': the tfds data set (prepared with `tfds build <name>`)
   c.data.data_dir = ""         # data.name='tfds': tfds data_dir ('' = tfds default)
+  # Input pipeline (jaxlab/data/pipeline.py, docs/data.md); the batch of step s depends only on (seed, s).
+  c.data.workers = 0           # grain worker processes computing batches (0 = in this process)
+  c.data.read_threads = 0      # with workers=0: grain threads computing batches ahead (0 = on the train loop)
+  c.data.prefetch = 2          # batches placed on the devices ahead of the step that uses them
+  # Images (tfds image sets; jaxlab/data/images.py). Unset keys (0, -1, '', ()) come from an imported
+  # checkpoint's meta['preprocessing'] (init_from.path / the evaluated checkpoint), then the preset.
+  c.data.preset = ""           # '' | 'deit' | 'cifar': fills the recipe's settings below
+  c.data.image_size = 0        # model input size S (S x S); 0 = native size of a fixed-size set
+  c.data.channels = 0          # 1 or 3 (grayscale <-> RGB conversion); 0 = the set's own
+  c.data.mean = ()             # per-channel mean of [0, 1] pixels, applied on the device (default: ImageNet's)
+  c.data.std = ()              # per-channel std (default: ImageNet's)
+  c.data.interpolation = ""    # PIL filter for resizing: bilinear | bicubic | lanczos | ... ('' = bilinear)
+  c.data.crop_pct = -1.0       # eval: resize the shorter side to S / crop_pct, center crop S (-1 = 0.875)
+  c.data.crop = ""             # train crop: 'random_resized' (default) | 'pad' (CIFAR pad-and-crop)
+  c.data.crop_padding = -1     # crop='pad': pixels of zero padding (-1 = 4)
+  c.data.rrc_scale = ()        # random-resized-crop area range (default (0.08, 1.0))
+  c.data.rrc_ratio = ()        # random-resized-crop aspect ratio range (default (3/4, 4/3))
+  c.data.flip = -1             # random horizontal flip: 1 on, 0 off (-1 = preset, else off)
+  c.data.randaugment = ""      # timm spec, e.g. 'rand-m9-mstd0.5-inc1' (DeiT); '' = off
+  c.data.random_erase = -1.0   # per-example random-erasing probability (DeiT 0.25; -1 = preset, else 0)
+  c.data.mixup = -1.0          # Mixup Beta alpha on the device (DeiT 0.8; 0 = off; -1 = preset, else off)
+  c.data.cutmix = -1.0         # CutMix Beta alpha on the device (DeiT 1.0; 0 = off; -1 = preset, else off)
+  c.data.mix_prob = -1.0       # probability a batch is mixed (-1 = 1.0)
+  c.data.mix_switch_prob = -1.0  # with both: probability of CutMix rather than Mixup (-1 = 0.5)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"   # adamw | sgd

@@ -124,10 +124,14 @@ def _example_mask(batch, n):
 
 @register_term("cross_entropy")
 def cross_entropy(ctx: Context, cfg) -> jax.Array:
-  """Mean softmax cross entropy with label smoothing over the batch."""
+  """Mean softmax cross entropy with label smoothing over the batch.
+
+  Soft targets `batch['soft_label']` [B, K] (Mixup/CutMix, `jaxlab.data.mixing`) replace the one-hot labels
+  when present; smoothing then applies to them (the same as mixing smoothed one-hots, as timm does).
+  """
   logits = ctx.logits.astype(jnp.float32)
   k = logits.shape[-1]
-  onehot = jax.nn.one_hot(ctx.batch["label"], k)
+  onehot = ctx.batch["soft_label"] if "soft_label" in ctx.batch else jax.nn.one_hot(ctx.batch["label"], k)
   ls = float(cfg.get("label_smoothing", 0.0))
   if ls:
     onehot = onehot * (1.0 - ls) + ls / k

@@ -163,7 +163,7 @@ def evaluate(module, params, model_state, dataset: data.Dataset, split: str, bat
   totals: dict[str, float] = {}
   for batch in dataset.eval_batches(split, batch_size, process_index=jax.process_index(),
                                     process_count=jax.process_count()):
-    sums = jax.device_get(eval_step(params, model_state, sharding.put_batch(batch, mesh)))
+    sums = jax.device_get(eval_step(params, model_state, dataset.device_preprocess(sharding.put_batch(batch, mesh))))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   return objectives.finalize_eval(totals)
@@ -174,7 +174,7 @@ def evaluate_checkpoint(path: str, split: str = "test", batch_size: int = 256, d
   """Loads a checkpoint from its meta alone and evaluates it on `split` of its data set."""
   loaded = checkpoint.load(path, step)
   dcfg = data_cfg if data_cfg is not None else loaded.meta["data"]["config"]
-  ds = data.get_dataset(dcfg)
+  ds = data.get_dataset(dcfg, loaded.meta)
   return evaluate(loaded.module, loaded.params, loaded.model_state, ds, split, batch_size)
 
 
@@ -283,7 +283,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   t0 = time.time()
   os.makedirs(workdir, exist_ok=True)
-  dataset = data.get_dataset(config.data)
+  dataset = data.get_dataset(config.data, data.checkpoint_meta_for(config))  # + an imported model's preprocessing
   total = resolve_steps(config, dataset.num_examples("train"))
   mesh = sharding.make_mesh(config.get("sharding", {}).get("num_devices") or None)
   n_dev = mesh.shape["data"]
@@ -371,11 +371,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   last_eval: dict = {}
   t_log, n_log = time.time(), 0
   pending: list = []
+  batches = data.TrainBatches(dataset, config.data, start=start, total=total, batch_size=bs, seed=seed, mesh=mesh)
   try:
     for step in range(start, total):
-      batch = dataset.train_batch(step, bs, seed, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-      state, metrics = train_step(state, sharding.put_batch(batch, mesh), step_rng)
+      state, metrics = train_step(state, next(batches), step_rng)  # batch of (seed, step), already on device
       pending.append(metrics)
       n_log += bs
       done = step + 1
@@ -407,10 +406,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if ckpt_every and done % ckpt_every == 0 and done != total:
         _save(mngr, state, config, dataset, done, {}, provenance)
   except KeyboardInterrupt:
+    batches.close()
     mngr.close()
     if pbar is not None:
       pbar.close()
     raise
+  batches.close()
   if pbar is not None:
     pbar.close()
   final_splits = tuple(dict.fromkeys(eval_splits + tuple(config.get("final_eval_splits", ("test",)))))

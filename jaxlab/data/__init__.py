@@ -6,6 +6,8 @@ from jaxlab.data import (  # noqa: F401  (register built-ins)
     sequences,  # 'listops', 'seq_digits', 'pathfinder'
     tfds_source,  # 'tfds'
 )
-from jaxlab.data.base import ArraySource, Dataset, get_dataset, image_augment, names, register
+from jaxlab.data.base import ArraySource, Dataset, checkpoint_meta_for, get_dataset, image_augment, names, register
+from jaxlab.data.pipeline import TrainBatches
 
-__all__ = ["ArraySource", "Dataset", "get_dataset", "image_augment", "names", "register"]
+__all__ = ["ArraySource", "Dataset", "TrainBatches", "checkpoint_meta_for", "get_dataset", "image_augment", "names",
+           "register"]

@@ -12,6 +12,8 @@ real examples, 0 for padding) so metrics are exact over the whole split.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -69,8 +71,14 @@ class Dataset:
     splits: `{split_name: source}`; the training split is `train`.
     input_shape: shape of one example's `inputs` (for model initialisation).
     input_dtype: dtype of `inputs`.
-    augment: optional `fn(batch, rng) -> batch` applied to training batches.
+    augment: optional `fn(batch, rng) -> batch` applied to training batches (host, whole batch).
     info: extra JSON-able facts recorded in checkpoint meta.
+    train_transform: optional `fn(example, rng) -> example` applied to each training example before
+      batching (decode, random-resized-crop, RandAugment...). Its rng depends only on `(seed, step,
+      position in the global batch)`, so a batch is the same whatever the process count.
+    eval_transform: optional deterministic `fn(example) -> example` for eval examples (resize, center crop).
+    normalize: `(mean, std)` per channel for uint8 `inputs`, applied on the device (`device_preprocess`):
+      images stay uint8 through the host pipeline and the host-to-device copy.
   """
   name: str
   num_classes: int
@@ -79,6 +87,9 @@ class Dataset:
   input_dtype: Any = np.float32
   augment: Callable[[dict, np.random.Generator], dict] | None = None
   info: dict = dataclasses.field(default_factory=dict)
+  train_transform: Callable[[dict, np.random.Generator], dict] | None = None
+  eval_transform: Callable[[dict], dict] | None = None
+  normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
   def split(self, name: str):
     if name not in self.splits:
@@ -89,7 +100,23 @@ class Dataset:
     return len(self.split(split))
 
   def sample_batch(self, batch_size: int = 2) -> dict[str, np.ndarray]:
-    return _take(self.split("train"), np.arange(min(batch_size, self.num_examples())))
+    return self._read(self.split("train"), np.arange(min(batch_size, self.num_examples())))
+
+  def _read(self, source, indices: np.ndarray, rngs=None) -> dict[str, np.ndarray]:
+    """Examples `indices` of `source` as a batch, through the per-example transform (train when `rngs`)."""
+    if rngs is not None and self.train_transform is not None:
+      rows = [self.train_transform(source[int(i)], rng) for i, rng in zip(indices, rngs, strict=True)]
+    elif self.eval_transform is not None:
+      rows = [self.eval_transform(source[int(i)]) for i in indices]
+    else:
+      return _take(source, indices)
+    return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+
+  def device_preprocess(self, batch: dict) -> dict:
+    """What runs on the device before the model: uint8 `inputs` become float32 `(x / 255 - mean) / std`."""
+    if self.normalize is None:
+      return batch
+    return {**batch, "inputs": _normalize_fn()(batch["inputs"], *(np.asarray(v, np.float32) for v in self.normalize))}
 
   def train_indices(self, step: int, batch_size: int, seed: int) -> np.ndarray:
     """Global indices of the batch at `step`: a fresh permutation each epoch, remainder dropped."""
@@ -107,7 +134,11 @@ class Dataset:
     idx = self.train_indices(step, batch_size, seed)
     local = batch_size // process_count
     idx = idx[process_index * local:(process_index + 1) * local]
-    batch = _take(self.split(split), idx)
+    rngs = None
+    if self.train_transform is not None:  # one stream per global position: independent of the process count
+      first = process_index * local
+      rngs = [np.random.default_rng([seed, step, 2, first + j]) for j in range(len(idx))]
+    batch = self._read(self.split(split), idx, rngs)
     if self.augment is not None:
       rng = np.random.default_rng([seed, step, 1, process_index])
       batch = self.augment(batch, rng)
@@ -130,13 +161,24 @@ class Dataset:
       idx = np.minimum(idx, n - 1)
       local = batch_size // process_count
       sl = slice(process_index * local, (process_index + 1) * local)
-      batch = _take(source, idx[sl])
+      batch = self._read(source, idx[sl])
       batch["mask"] = mask[sl]
       yield batch
 
 
-def get_dataset(data_cfg) -> Dataset:
+@functools.cache
+def _normalize_fn():
+  import jax
+  import jax.numpy as jnp
+  return jax.jit(lambda x, mean, std: (x.astype(jnp.float32) / 255.0 - mean) / std)
+
+
+def get_dataset(data_cfg, checkpoint_meta: dict | None = None) -> Dataset:
   """Builds the data set named by `data_cfg.name`.
+
+  `checkpoint_meta`: the meta of the checkpoint the model comes from (`init_from.path`, or the evaluated
+  one); image sets take its `preprocessing` (size, mean, std, interpolation, crop_pct) for the `data.*`
+  keys left unset (`jaxlab.data.images.resolve`).
 
   Raises:
     ValueError: for an unknown name, listing the known ones.
@@ -144,7 +186,11 @@ def get_dataset(data_cfg) -> Dataset:
   name = data_cfg.get("name")
   if name not in _BUILDERS:
     raise ValueError(f"config.data.name: unknown data set {name!r}; known: {', '.join(names())}")
-  dataset = _BUILDERS[name](data_cfg)
+  builder = _BUILDERS[name]
+  if checkpoint_meta and "checkpoint_meta" in inspect.signature(builder).parameters:
+    dataset = builder(data_cfg, checkpoint_meta=checkpoint_meta)
+  else:
+    dataset = builder(data_cfg)
   train_split = data_cfg.get("train_split") or "train"
   if train_split != "train":  # e.g. a learned soup trains its mixing weights on 'heldout'
     if train_split not in dataset.splits:
@@ -152,6 +198,18 @@ def get_dataset(data_cfg) -> Dataset:
                        f"splits: {sorted(dataset.splits)}")
     dataset.splits = {**dataset.splits, "train": dataset.splits[train_split]}
   return dataset
+
+
+def checkpoint_meta_for(config) -> dict | None:
+  """The meta of `config.init_from.path` (read without the weights), or None when there is none."""
+  path = (config.get("init_from") or {}).get("path") if hasattr(config, "get") else None
+  if not path:
+    return None
+  from jaxlab import checkpoint
+  try:
+    return checkpoint.load_meta(path)
+  except (OSError, ValueError):  # a bad path is reported with its config key when the weights are loaded
+    return None
 
 
 def image_augment(shift: int = 0, noise: float = 0.0, flip: bool = False):

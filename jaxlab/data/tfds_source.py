@@ -5,6 +5,11 @@
 validation = first 5% of train, heldout = next 5%, train = the rest, test = test). No
 TensorFlow is needed at run time; preparing a data set once needs the `tf`
 extra (`pip install -e '.[tf]'` then `tfds build <name>`).
+
+Image mode: when `data.image_size`, `data.preset`, `data.channels` is set, or a checkpoint's meta
+carries `preprocessing` (see `jaxlab.data.images.resolve`), images of any size are read as uint8,
+decoded/cropped/augmented per example (`images.TrainTransform` / `EvalTransform`) and normalised on the
+device. Otherwise images are read as they are, scaled to [0, 1] float32 (fixed-size sets such as MNIST).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from jaxlab.data import base
+from jaxlab.data import base, images
 
 DEFAULT_SPLITS = {"train": "train[10%:]", "validation": "train[:5%]", "heldout": "train[5%:10%]", "test": "test"}
 
@@ -33,8 +38,26 @@ class _GrainSource:
     return self._ds[int(i)]
 
 
+class _RawSource:
+  """Random access into a tfds data source, examples as tfds decodes them (picklable for grain workers)."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    return self._source[int(i)]
+
+
+def _image_mode(cfg, checkpoint_meta) -> bool:
+  return bool(int(cfg.get("image_size", 0) or 0) > 0 or cfg.get("preset", "") or int(cfg.get("channels", 0) or 0)
+              or (checkpoint_meta or {}).get("preprocessing"))
+
+
 @base.register("tfds")
-def build(cfg) -> base.Dataset:
+def build(cfg, checkpoint_meta: dict | None = None) -> base.Dataset:
   import tensorflow_datasets as tfds
   name = cfg.get("tfds_name")
   if not name:
@@ -52,10 +75,31 @@ def build(cfg) -> base.Dataset:
       raise FileNotFoundError(
           f"tfds data set {name!r} (split {theirs!r}) is not prepared in {builder.data_dir}: run "
           f"`pip install -e '.[tf]' && tfds build {name}` (or set config.data.data_dir)") from e
-    splits[ours] = _GrainSource(src, cfg.get("image_key", "image"), cfg.get("label_key", "label"))
+    if _image_mode(cfg, checkpoint_meta):
+      splits[ours] = _RawSource(src)
+    else:
+      splits[ours] = _GrainSource(src, cfg.get("image_key", "image"), cfg.get("label_key", "label"))
   info = builder.info
-  num_classes = info.features[cfg.get("label_key", "label")].num_classes
-  shape = tuple(info.features[cfg.get("image_key", "image")].shape)
+  image_key, label_key = cfg.get("image_key", "image"), cfg.get("label_key", "label")
+  num_classes = info.features[label_key].num_classes
+  shape = tuple(info.features[image_key].shape)
+  if _image_mode(cfg, checkpoint_meta):
+    settings = images.resolve(cfg, checkpoint_meta)
+    size = int(settings["image_size"]) or (shape[0] if shape[0] == shape[1] and shape[0] else 0)
+    if not size:
+      raise ValueError(f"config.data.image_size: tfds set {name!r} has images of varying size {shape}; "
+                       "set the model's input size (e.g. 224) or a data.preset")
+    settings["image_size"] = size
+    channels = int(settings["channels"]) or shape[-1] or 3
+    settings["channels"] = channels
+    return base.Dataset(
+        name=f"tfds:{name}", num_classes=num_classes, splits=splits, input_shape=(size, size, channels),
+        train_transform=images.TrainTransform(settings, image_key, label_key),
+        eval_transform=images.EvalTransform(settings, image_key, label_key),
+        normalize=(images.per_channel(settings["mean"], channels, "mean"),
+                   images.per_channel(settings["std"], channels, "std")),
+        info={"tfds_name": name, "split_map": split_map,
+              "preprocessing": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}})
   aug = base.image_augment(shift=cfg.get("aug_shift", 0), noise=cfg.get("aug_noise", 0.0),
                            flip=cfg.get("aug_flip", False))
   return base.Dataset(name=f"tfds:{name}", num_classes=num_classes, splits=splits,

@@ -1,0 +1,230 @@
+"""The input pipeline: (seed, step) batches through grain workers and prefetch, image preprocessing,
+Mixup/CutMix with soft labels, random erasing, RandAugment, presets and checkpoint preprocessing."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import run_main, tiny_config
+from PIL import Image
+
+from jaxlab import data, objectives, sharding, train
+from jaxlab.data import images, mixing, pipeline, randaugment
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+def _host(ds, start, total, **kw):
+  return [dict(b) for b in pipeline.host_batches(ds, start=start, total=total, batch_size=16, seed=5, **kw)]
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data.get_dataset({"name": "digits", "aug_shift": 1, "aug_noise": 0.1})
+
+
+def test_grain_batches_equal_train_batch_and_resume_with_workers_and_prefetch(digits):
+  """Workers + prefetch give exactly `train_batch(step)`, and a restart at step 3 continues bitwise."""
+  mesh = sharding.make_mesh()
+  cfg = {"workers": 2, "prefetch": 2}
+  with data.TrainBatches(digits, cfg, start=0, total=6, batch_size=16, seed=5, mesh=mesh) as it:
+    full = [jax.device_get(b) for b in it]
+  with data.TrainBatches(digits, cfg, start=3, total=6, batch_size=16, seed=5, mesh=mesh) as it:
+    resumed = [jax.device_get(b) for b in it]
+  assert len(full) == 6 and len(resumed) == 3
+  for s in range(6):
+    ref = digits.train_batch(s, 16, 5)
+    for k in ("inputs", "label"):
+      np.testing.assert_array_equal(full[s][k], ref[k])
+  for a, b in zip(full[3:], resumed, strict=True):
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+  # in-process with a read thread: the same batches
+  threaded = _host(digits, 0, 6, read_threads=1)
+  for s in range(6):
+    np.testing.assert_array_equal(threaded[s]["inputs"], full[s]["inputs"])
+
+
+def _mock_imagenet(**cfg):
+  return data.get_dataset(
+    {"name": "tfds", "tfds_name": "imagenet2012", "split_map": {"train": "train", "validation": "validation"}, **cfg}
+  )
+
+
+def test_two_processes_give_the_global_batch_of_one():
+  """Per-example augmentation streams follow global positions, so 2 processes' halves make the 1-process batch."""
+  with tfds.testing.mock_data(num_examples=24):
+    ds = _mock_imagenet(preset="deit", image_size=32)
+    one = _host(ds, 2, 4)
+    halves = [_host(ds, 2, 4, process_index=p, process_count=2) for p in (0, 1)]
+  for s in range(2):
+    for k in ("inputs", "label"):
+      np.testing.assert_array_equal(np.concatenate([halves[0][s][k], halves[1][s][k]]), one[s][k])
+  assert one[0]["inputs"].shape == (16, 32, 32, 3) and one[0]["inputs"].dtype == np.uint8
+
+
+def test_mock_images_of_varied_sizes_and_colour_modes_decode_resize_normalise():
+  with tfds.testing.mock_data(num_examples=8):
+    raw = tfds.data_source("imagenet2012", split="train")
+    sizes = {np.asarray(raw[i]["image"]).shape[:2] for i in range(8)}
+    assert len(sizes) > 1  # the mock images really vary in size
+    rgb = _mock_imagenet(image_size=24, interpolation="bicubic", crop_pct=1.0)
+    gray = data.get_dataset(
+      {
+        "name": "tfds",
+        "tfds_name": "mnist",
+        "image_size": 16,
+        "channels": 3,
+        "split_map": {"train": "train", "test": "test"},
+      }
+    )
+    assert rgb.input_shape == (24, 24, 3) and gray.input_shape == (16, 16, 3)
+    b = rgb.train_batch(0, 8, seed=0)
+    e = next(rgb.eval_batches("validation", 8))
+    g = next(gray.eval_batches("test", 8))
+    first_eval = np.asarray(tfds.data_source("imagenet2012", split="validation")[0]["image"])
+  assert b["inputs"].shape == (8, 24, 24, 3) and b["inputs"].dtype == np.uint8 and b["label"].dtype == np.int32
+  assert e["inputs"].shape == (8, 24, 24, 3) and g["inputs"].shape == (8, 16, 16, 3)
+  np.testing.assert_array_equal(g["inputs"][..., 0], g["inputs"][..., 2])  # gray copied to 3 channels
+  # eval with crop_pct=1: shorter side resized to 24 with PIL bicubic, then the center 24 x 24
+  h, w = first_eval.shape[:2]
+  nh, nw = (24, max(24, round(w * 24 / h))) if h <= w else (max(24, round(h * 24 / w)), 24)
+  ref = np.asarray(Image.fromarray(first_eval).resize((nw, nh), Image.BICUBIC))
+  top, left = round((nh - 24) / 2), round((nw - 24) / 2)
+  np.testing.assert_array_equal(e["inputs"][0], ref[top : top + 24, left : left + 24])
+  # normalisation on the device: (x / 255 - mean) / std with ImageNet's statistics
+  out = np.asarray(rgb.device_preprocess({"inputs": jnp.asarray(e["inputs"])})["inputs"])
+  expect = (e["inputs"].astype(np.float32) / 255 - np.array(images.IMAGENET_MEAN)) / np.array(images.IMAGENET_STD)
+  np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_random_resized_crop_box_within_image_and_scale():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    h, w = rng.integers(8, 300, size=2)
+    top, left, ch, cw = images.random_resized_crop_box(rng, int(h), int(w), (0.08, 1.0), (3 / 4, 4 / 3))
+    assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0 and cw > 0
+
+
+def _mix_batch(b=8, k=10, h=16):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(b, h, h, 3)).astype(np.float32))
+  y = jnp.asarray(rng.permutation(k)[:b].astype(np.int32))  # distinct labels: each soft row names its pair
+  return {"inputs": x, "label": y}
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixup_cutmix_soft_labels_sum_to_one_and_mix_the_right_pairs(kind):
+  batch = _mix_batch()
+  x, y = np.asarray(batch["inputs"]), np.asarray(batch["label"])
+  cfg = mixing.MixConfig(mixup=0.8 if kind == "mixup" else 0.0, cutmix=1.0 if kind == "cutmix" else 0.0)
+  for seed in range(4):
+    out = jax.device_get(jax.jit(lambda bt, kk, c=cfg: mixing.mix_batch(bt, kk, c, 10))(batch, jax.random.key(seed)))
+    soft = out["soft_label"]
+    np.testing.assert_allclose(soft.sum(-1), 1.0, atol=1e-6)
+    lam = soft[np.arange(8), y]
+    np.testing.assert_allclose(soft[np.arange(8), y[::-1]], 1.0 - lam, atol=1e-6)  # partner = reversed batch
+    assert np.ptp(lam) < 1e-6 and 0.0 <= lam[0] <= 1.0
+    if kind == "mixup":
+      np.testing.assert_allclose(out["inputs"], lam[0] * x + (1 - lam[0]) * x[::-1], rtol=1e-5, atol=1e-5)
+    else:
+      from_self = np.all(out["inputs"] == x, axis=-1)
+      from_partner = np.all(out["inputs"] == x[::-1], axis=-1)
+      assert np.all(from_self | from_partner)
+      np.testing.assert_allclose(1.0 - from_partner[0].mean(), lam[0], atol=1e-6)  # lam = area kept
+
+
+def test_soft_label_cross_entropy():
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32))
+  y = jnp.asarray([0, 3, 1, 4])
+  hard = objectives.cross_entropy(objectives.Context(logits=logits, batch={"label": y}), {})
+  onehot = objectives.cross_entropy(
+    objectives.Context(logits=logits, batch={"label": y, "soft_label": jax.nn.one_hot(y, 5)}), {}
+  )
+  np.testing.assert_allclose(hard, onehot, rtol=1e-6)
+  soft = 0.3 * jax.nn.one_hot(y, 5) + 0.7 * jax.nn.one_hot(y[::-1], 5)
+  got = objectives.cross_entropy(objectives.Context(logits=logits, batch={"label": y, "soft_label": soft}), {})
+  expect = -(soft * jax.nn.log_softmax(logits)).sum(-1).mean()
+  np.testing.assert_allclose(got, expect, rtol=1e-6)
+
+
+def test_random_erasing_boxes():
+  x = jnp.zeros((64, 20, 20, 3))
+  out = np.asarray(mixing.random_erase(x, jax.random.key(0), 1.0))
+  erased = np.any(out != 0, axis=-1)
+  fracs = erased.reshape(64, -1).mean(-1)
+  assert np.all(fracs > 0) and np.all(fracs <= 1.0)
+  for m in erased:  # one axis-aligned box per image
+    rows, cols = np.where(m.any(1))[0], np.where(m.any(0))[0]
+    assert m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()
+  np.testing.assert_array_equal(np.asarray(mixing.random_erase(x, jax.random.key(0), 0.0)), 0.0)
+
+
+def test_randaugment_spec_and_ops():
+  spec = randaugment.parse("rand-m9-mstd0.5-inc1")
+  assert (spec.num_ops, spec.magnitude, spec.magnitude_std) == (2, 9.0, 0.5)
+  assert spec.ops == randaugment.INCREASING_OPS
+  with pytest.raises(ValueError, match="config.data.randaugment"):
+    randaugment.parse("rand-q9")
+  img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
+  for name in randaugment.INCREASING_OPS + randaugment.DEFAULT_OPS:
+    out = randaugment._op(name, img, 9.0, np.random.default_rng(0))
+    assert out.size == img.size and out.mode == img.mode, name
+  # Invert is exact; PosterizeIncreasing at m=10 keeps 0 bits
+  np.testing.assert_array_equal(np.asarray(randaugment._op("Invert", img, 5, None)), 255 - np.asarray(img))
+  a = randaugment.apply(img, spec, np.random.default_rng(3))
+  b = randaugment.apply(img, spec, np.random.default_rng(3))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # a function of the generator's state
+
+
+def test_settings_rule_explicit_over_checkpoint_over_preset():
+  meta = {
+    "preprocessing": {
+      "image_size": [48, 48],
+      "mean": [0.5, 0.5, 0.5],
+      "std": [0.5, 0.5, 0.5],
+      "interpolation": "bicubic",
+      "crop_pct": 0.9,
+    }
+  }
+  s = images.resolve({"preset": "deit"}, meta)
+  assert (s["image_size"], s["mean"], s["interpolation"], s["crop_pct"]) == (48, (0.5, 0.5, 0.5), "bicubic", 0.9)
+  assert s["mixup"] == 0.8 and s["randaugment"] == "rand-m9-mstd0.5-inc1"  # the rest from the preset
+  s = images.resolve({"preset": "deit", "image_size": 32, "mean": (0.1, 0.2, 0.3), "mixup": 0.0}, meta)
+  assert (s["image_size"], s["mean"], s["mixup"]) == (32, (0.1, 0.2, 0.3), 0.0)
+  s = images.resolve({"preset": "cifar"})
+  assert (s["crop"], s["crop_padding"], s["mixup"], s["mean"]) == ("pad", 4, 0.0, images.CIFAR_MEAN)
+  with pytest.raises(ValueError, match="config.data.preset: unknown preset 'imagenet'"):
+    images.resolve({"preset": "imagenet"})
+  with pytest.raises(ValueError, match="config.data.interpolation"):
+    images.resolve({"interpolation": "cubic"})
+
+
+def test_deit_preset_trains_end_to_end_on_mock_images(tmp_path):
+  """A tiny ViT through train_and_evaluate with the DeiT recipe (RandAugment, erasing, Mixup/CutMix)."""
+  cfg = tiny_config(steps=2, eval_every=0, checkpoint_every=0)
+  cfg.data.name, cfg.data.tfds_name = "tfds", "imagenet2012"
+  cfg.data.split_map = {"train": "train", "validation": "validation", "test": "validation"}
+  cfg.data.preset, cfg.data.image_size, cfg.data.batch_size, cfg.data.eval_batch_size = "deit", 16, 8, 8
+  cfg.model.patch_size = 8
+  with tfds.testing.mock_data(num_examples=16):
+    summary = train.train_and_evaluate(cfg, str(tmp_path / "deit"))
+  assert summary["steps"] == 2 and math.isfinite(summary["metrics"]["test"]["loss"])
+  assert summary["metrics"]["test"]["count"] == 16
+
+
+def test_entry_point_with_two_workers(tmp_path):
+  """grain workers start with spawn: the real entry point runs with data.workers=2."""
+  wd = str(tmp_path / "w2")
+  r = run_main(
+    "--config=ml_collections_configs/digits_vit.py:smoke",
+    f"--workdir={wd}",
+    "--config.data.workers=2",
+    "--config.total_steps=3",
+    "--config.eval_every=0",
+    "--config.checkpoint_every=0",
+    "--config.progress=False",
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "test accuracy" in r.stdout + r.stderr
