@@ -60,6 +60,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.cutmix = -1.0         # CutMix Beta alpha on the device (DeiT 1.0; 0 = off; -1 = preset, else off)
   c.data.mix_prob = -1.0       # probability a batch is mixed (-1 = 1.0)
   c.data.mix_switch_prob = -1.0  # with both: probability of CutMix rather than Mixup (-1 = 0.5)
+  c.data.lra_dir = ""          # data.name='lra_listops' | 'lra_pathfinder': LRA release directory (data/lra.py)
+  c.data.difficulty = ""       # lra_pathfinder: easy | intermediate | hard ('' = hard, as LRA)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"   # adamw | sgd

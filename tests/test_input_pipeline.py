@@ -2,6 +2,7 @@
 Mixup/CutMix with soft labels, random erasing, RandAugment, presets and checkpoint preprocessing."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -228,3 +229,93 @@ def test_entry_point_with_two_workers(tmp_path):
   )
   assert r.returncode == 0, r.stderr[-3000:]
   assert "test accuracy" in r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------
+# Long Range Arena release directory
+# ----------------------------------------------------------------------------
+
+LISTOPS_ROWS = [("( ( [MAX 2 9 ) 3 ] )", 9), ("[MIN 4 ( [SM 5 6 ] ) 1 ]", 1), ("7", 7)]
+
+
+def _write_lra(root):
+  """A few files in the layout of lra_release.gz (with its nested lra_release/ folder)."""
+  rel = root / "lra_release" / "lra_release"
+  lo = rel / "listops-1000"
+  lo.mkdir(parents=True)
+  for name in ("basic_train.tsv", "basic_val.tsv", "basic_test.tsv"):
+    (lo / name).write_text("Source\tTarget\n" + "".join(f"{s}\t{t}\n" for s, t in LISTOPS_ROWS))
+  pf = rel / "pathfinder32" / "curv_contour_length_14"
+  rng = np.random.default_rng(0)
+  labels = []
+  for k in range(2):
+    (pf / "imgs" / str(k)).mkdir(parents=True)
+    lines = []
+    for n in range(5):
+      img = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+      Image.fromarray(img).save(pf / "imgs" / str(k) / f"sample_{n}.png")
+      label = int(rng.integers(0, 2))
+      labels.append((f"imgs/{k}/sample_{n}.png", label, img))
+      lines.append(f"imgs/{k} sample_{n}.png {n} {label} 14 1.5 0\n")
+    (pf / "metadata").mkdir(exist_ok=True)
+    (pf / "metadata" / f"{k}.npy").write_text("".join(lines))
+  return root / "lra_release", labels
+
+
+def test_lra_release_listops_and_pathfinder(tmp_path):
+  from jaxlab.data import sequences
+
+  lra_dir, pf_truth = _write_lra(tmp_path)
+  ds = data.get_dataset({"name": "lra_listops", "lra_dir": str(lra_dir), "max_length": 8})
+  tr = ds.split("train").arrays
+  np.testing.assert_array_equal(tr["label"], [9, 1, 7])
+  np.testing.assert_array_equal(tr["length"], [5, 8, 1])  # parentheses dropped
+  t = sequences.TOKEN_ID
+  np.testing.assert_array_equal(tr["inputs"][0], [t["[MAX"], t["2"], t["9"], t["3"], t["]"], 0, 0, 0])
+  assert ds.info["vocab_size"] == 16 and ds.info["pad_id"] == 0 and ds.input_shape == (8,)
+  short = data.get_dataset({"name": "lra_listops", "lra_dir": str(lra_dir), "max_length": 4})
+  assert short.split("test").arrays["length"].tolist() == [4, 4, 1]  # truncated to max_length
+
+  pf = data.get_dataset({"name": "lra_pathfinder", "lra_dir": str(lra_dir / "lra_release")})
+  assert pf.input_shape == (1024, 1) and pf.info["split_sizes"] == {"test": 1, "validation": 1, "train": 8}
+  truth = {p: (label, img) for p, label, img in pf_truth}
+  for split in ("train", "validation", "test"):
+    src = pf.split(split)
+    for i in range(len(src)):
+      rel = os.path.relpath(src.paths[i], str(lra_dir / "lra_release" / "pathfinder32" / "curv_contour_length_14"))
+      label, img = truth[rel]
+      ex = src[i]
+      assert int(ex["label"]) == label
+      np.testing.assert_allclose(ex["inputs"][:, 0], img.reshape(-1) / 255.0, rtol=1e-6)
+
+  with pytest.raises(FileNotFoundError, match="config.data.lra_dir=.*lra_release.gz"):
+    data.get_dataset({"name": "lra_listops", "lra_dir": str(tmp_path / "nowhere")})
+  bad = tmp_path / "bad" / "listops-1000"
+  bad.mkdir(parents=True)
+  for name in ("basic_train.tsv", "basic_val.tsv", "basic_test.tsv"):
+    (bad / name).write_text("Source\tTarget\n[MAX 2 FOO ]\t2\n")
+  with pytest.raises(ValueError, match=r"basic_train.tsv:2: unknown ListOps token 'FOO'"):
+    data.get_dataset({"name": "lra_listops", "lra_dir": str(tmp_path / "bad")})
+
+
+def test_sequence_pooling_over_real_tokens_ignores_padding():
+  """A causal S4D with pool_pad_id=0 gives the same logits however much padding follows the tokens."""
+  from jaxlab import build
+
+  cfg = {
+    "name": "s4d_seq",
+    "d_model": 8,
+    "n_layers": 1,
+    "d_state": 4,
+    "vocab_size": 16,
+    "causal": True,
+    "pool_pad_id": 0,
+  }
+  model = build.model(cfg, 10)
+  tokens = np.array([[2, 7, 9, 5, 6]], np.int32)
+  short, long_ = np.pad(tokens, ((0, 0), (0, 3))), np.pad(tokens, ((0, 0), (0, 11)))
+  params = model.init(jax.random.key(0), short)
+  a, b = model.apply(params, short), model.apply(params, long_)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  plain = build.model({**cfg, "pool_pad_id": -1}, 10)  # default: every position pooled, padding changes it
+  assert not np.allclose(np.asarray(plain.apply(params, short)), np.asarray(plain.apply(params, long_)), atol=1e-4)

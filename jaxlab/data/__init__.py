@@ -2,6 +2,7 @@
 
 from jaxlab.data import (  # noqa: F401  (register built-ins)
     digits,  # 'digits'
+    lra,  # 'lra_listops', 'lra_pathfinder' (from a user-supplied LRA release directory)
     mnist1d,  # 'mnist1d'
     sequences,  # 'listops', 'seq_digits', 'pathfinder'
     tfds_source,  # 'tfds'

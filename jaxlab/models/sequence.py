@@ -44,7 +44,7 @@ from jaxlab.models.s4d import S4D
 
 COMMON_KEYS = dict(d_model=64, n_layers=2, dropout=0.0, prenorm=True, norm="layer", vocab_size=0,
                    input_channels=1, mask_channel=False, pool="mean", output="classify", out_dim=0,
-                   causal=False)
+                   causal=False, pool_pad_id=-1)
 S4D_KEYS = dict(d_state=64, init="lin", disc="zoh", dt_min=1e-3, dt_max=1e-1, bidirectional=None,
                 chunk_size=1024)
 TRANSFORMER_KEYS = dict(num_heads=4, mlp_dim=0, max_len=2048, attn_dropout=0.0)
@@ -77,14 +77,18 @@ def _encode(mod: nn.Module, x, step: bool):
   return x
 
 
-def _head(mod: nn.Module, x, num_classes: int):
+def _head(mod: nn.Module, x, num_classes: int, tokens=None):
+  """Pool and classify; with `pool_pad_id >= 0` and token inputs, 'mean' averages only the real (non-pad) tokens."""
   if mod.output == "per_position":
     if not mod.out_dim:
       raise ValueError("model.out_dim: set the per-position output size for output='per_position'")
     return nn.Dense(mod.out_dim, name="decoder")(x).astype(jnp.float32)
   if mod.output != "classify":
     raise ValueError(f"model.output: unknown output {mod.output!r}; use 'classify' or 'per_position'")
-  if mod.pool == "mean":
+  if mod.pool == "mean" and mod.pool_pad_id >= 0 and mod.vocab_size > 0 and tokens is not None:
+    real = (tokens != mod.pool_pad_id).astype(x.dtype)[..., None]  # true lengths: padding is never pooled
+    x = (x * real).sum(axis=1) / jnp.maximum(real.sum(axis=1), 1.0)
+  elif mod.pool == "mean":
     x = x.mean(axis=1)
   elif mod.pool == "last":
     x = x[:, -1]
@@ -132,6 +136,7 @@ class SeqBackbone(nn.Module):
   output: str = "classify"
   out_dim: int = 0
   causal: bool = False
+  pool_pad_id: int = -1  # token id of padding left out of pool='mean' (true lengths); -1 = pool every position
 
 
 class S4DSeq(SeqBackbone):
@@ -152,7 +157,7 @@ class S4DSeq(SeqBackbone):
     step = state is not None
     if step and (bidir or self.output != "per_position"):
       raise ValueError("s4d_seq step mode needs model.causal=True and model.output='per_position'")
-    x = _encoder(self, _encode(self, x, step))
+    tokens, x = x, _encoder(self, _encode(self, x, step))
     layer_kw = dict(d_state=self.d_state, ssm_init=self.ssm_init, disc=self.disc, dt_min=self.dt_min,
                     dt_max=self.dt_max, bidirectional=bidir, chunk_size=self.chunk_size)
     blocks = nn.scan(
@@ -167,7 +172,7 @@ class S4DSeq(SeqBackbone):
       x = _norm(self.norm, train, "norm")(x)
     if step:
       return nn.Dense(self.out_dim, name="decoder")(x).astype(jnp.float32), new_state
-    return _head(self, x, self.num_classes)
+    return _head(self, x, self.num_classes, tokens)
 
 
 def _encoder(mod: nn.Module, x):
@@ -221,7 +226,7 @@ class TransformerSeq(SeqBackbone):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = _encoder(self, _encode(self, x, False))
+    tokens, x = x, _encoder(self, _encode(self, x, False))
     length = x.shape[1]
     if length > self.max_len:
       raise ValueError(f"model.max_len={self.max_len} is shorter than the input length {length}")
@@ -238,7 +243,7 @@ class TransformerSeq(SeqBackbone):
     x, _ = blocks(x, None, train)
     if self.prenorm:
       x = _norm(self.norm, train, "norm")(x)
-    return _head(self, x, self.num_classes)
+    return _head(self, x, self.num_classes, tokens)
 
 
 def _kwargs(cfg, allowed: dict, name: str) -> dict:
