@@ -1,0 +1,457 @@
+"""The `import` and `export` jobs: foreign checkpoint files <-> ordinary jaxlab checkpoints.
+
+    python -m jaxlab.main --config=ml_collections_configs/import.py \
+        --config.source=deit_small.safetensors --workdir=runs/deit_s
+    python -m jaxlab.main --config=ml_collections_configs/export.py \
+        --config.checkpoint=runs/deit_s --config.format=timm --config.out=out.safetensors --workdir=runs/export
+
+Import: open the file read-only (`readers`), pick the family from its names
+(`timm_vit`, `big_vision_vit`, `mixturegrowth_wrn`, or `jaxlab` for a file this
+module exported with `format=jaxlab`), infer the model config from names and
+shapes (explicit config keys win), compare the file's tensors with the name map
+strictly (one error lists the missing, unexpected and mis-shaped ones and the
+options that allow them; nothing is written), convert one tensor at a time,
+optionally resample the position embeddings to `image_size`, check the result
+against the model rebuilt from meta (`jax.eval_shape`), and write a step-0
+checkpoint whose meta records the source, its sha256, the format, the family
+and name map, what was skipped or initialised fresh, and the preprocessing.
+
+Export: load a checkpoint from its meta, materialize its parameterization (a
+TLEG auxiliary net or a soup exports the network it computes), and write
+safetensors: `format=timm` with timm's keys and shapes for a `vit` model;
+`format=jaxlab` for any model, as a plain state dict whose keys are jaxlab's
+`collection/path` names (blocks stacked on the depth axis) with the checkpoint
+meta in the file's metadata, which `import` reads back bitwise. A model timm
+cannot express (a low-rank ViT, a WRN) is refused for `format=timm` with a
+message that names `format=jaxlab`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxlab import build, checkpoint, trees
+from jaxlab.interop import names, readers, resample, vit_maps, wrn_maps
+
+JAXLAB_META_KEY = "jaxlab_meta"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A model family in a foreign naming: how to detect it, infer its config and map its names."""
+
+  name: str
+  detect: Callable[[set], bool]
+  infer: Callable[[dict, dict], dict]
+  preprocessing: dict
+  resample: str = "bicubic"
+  skip: tuple[str, ...] = ()
+
+
+FAMILIES = {
+  "timm_vit": Family(
+    "timm_vit", lambda k: "patch_embed.proj.weight" in k, vit_maps.timm_infer, vit_maps.TIMM_PREPROCESSING
+  ),
+  "big_vision_vit": Family(
+    "big_vision_vit",
+    lambda k: any(x.endswith("embedding/kernel") for x in k),
+    vit_maps.big_vision_infer,
+    vit_maps.BIG_VISION_PREPROCESSING,
+    resample="big_vision",
+  ),
+  "mixturegrowth_wrn": Family(
+    "mixturegrowth_wrn",
+    lambda k: "conv_stem.weight" in k,
+    wrn_maps.infer,
+    wrn_maps.CIFAR_PREPROCESSING,
+    skip=wrn_maps.SKIP,
+  ),
+}
+
+
+def _entries(family: str, info: dict, keys, abstract: dict) -> list[names.Entry]:
+  model, k = info["model"], info["num_classes"]
+  if family == "timm_vit":
+    return vit_maps.timm_entries(model, k)
+  if family == "big_vision_vit":
+    return vit_maps.big_vision_entries(model, k, vit_maps.big_vision_layout(keys))
+  return wrn_maps.entries(model, k, set(abstract))
+
+
+def detect_family(keys: Sequence[str], path: str, family: str = "auto") -> str:
+  """The family of a file from its tensor names (`family` when given).
+
+  Raises:
+    ValueError: an unknown family name, or names that match no family.
+  """
+  if family not in ("auto", "jaxlab", *FAMILIES):
+    raise ValueError(f"config.family={family!r}: choose auto, jaxlab, {', '.join(FAMILIES)}")
+  if family != "auto":
+    return family
+  key_set = set(keys)
+  for name, fam in FAMILIES.items():
+    if fam.detect(key_set):
+      return name
+  raise ValueError(
+    f"{path}: cannot tell the model family from its tensor names (first: "
+    f"{', '.join(sorted(key_set)[:4])}); set config.family to one of {', '.join(FAMILIES)}"
+  )
+
+
+@dataclasses.dataclass
+class Imported:
+  """An imported checkpoint before it is written: trainable params, other collections, meta."""
+
+  theta: dict
+  model_state: dict
+  meta: dict
+
+
+def _abstract(model_cfg: dict, num_classes: int, input_shape) -> dict[str, jax.ShapeDtypeStruct]:
+  module = build.model(model_cfg, num_classes)
+  return trees.flatten(build.abstract_variables(module, tuple(input_shape), "float32"))
+
+
+def _given(options: dict) -> dict:
+  return {k: options.get(k) for k in ("num_heads", "num_classes", "pool", "ln_eps", "image_size")}
+
+
+def import_file(
+  path: str,
+  *,
+  format: str = "auto",
+  family: str = "auto",
+  num_heads: int = 0,
+  num_classes: int = 0,
+  image_size: int = 0,
+  pool: str = "",
+  ln_eps: float = 0.0,
+  skip_unexpected: Sequence[str] = (),
+  init_missing: Sequence[str] = (),
+  resample_method: str = "",
+  seed: int = 0,
+  preprocessing: dict | None = None,
+  compute_sha256: bool = True,
+) -> Imported:
+  """Reads a timm / PyTorch / big_vision / jaxlab-exported file into a jaxlab tree and meta (nothing written).
+
+  Args:
+    path: the file (read only).
+    format: `auto` (by extension), `safetensors`, `torch` or `npz`.
+    family: `auto` (by tensor names), `timm_vit`, `big_vision_vit`, `mixturegrowth_wrn` or `jaxlab`.
+    num_heads, num_classes, pool, ln_eps: model values that override the inferred ones (0 / '' = infer;
+      heads default to width / 64).
+    image_size: the model's image side; when it differs from the checkpoint's, the position embeddings are
+      resampled (`resample_method`: `bicubic` as timm, `big_vision` as big_vision; the family's default
+      when empty).
+    skip_unexpected: regexes of file keys that may stay unused.
+    init_missing: regexes of jaxlab `collection/path` names (e.g. `params/head/.*`) initialised fresh (from
+      `seed`) when the file lacks them or has them in another shape.
+    preprocessing: overrides of `mean`, `std`, `interpolation`, `crop_pct` (family defaults otherwise).
+    compute_sha256: hash the file for the meta (off only in benchmarks that time reading alone).
+
+  Raises:
+    FileNotFoundError, readers.ReadError, vit_maps.InferenceError, names.NameMapError, ValueError.
+  """
+  skip_unexpected, init_missing = names.regex_list(skip_unexpected), names.regex_list(init_missing)
+  options = dict(num_heads=num_heads, num_classes=num_classes, pool=pool, ln_eps=ln_eps, image_size=image_size)
+  with readers.open_source(path, format) as src:
+    if family == "auto" and JAXLAB_META_KEY in getattr(src, "metadata", {}):
+      family = "jaxlab"  # written by the export job with format=jaxlab
+    fam_name = detect_family(src.keys(), path, family)
+    if fam_name == "jaxlab":
+      return _import_jaxlab(src, path, compute_sha256)
+    fam = FAMILIES[fam_name]
+    shapes = {k: tuple(src.shape(k)) for k in src.keys()}
+    try:
+      info = fam.infer(shapes, _given(options))
+    except vit_maps.InferenceError as e:
+      raise vit_maps.InferenceError(f"{path}: cannot infer the model config as {fam_name} ({e})") from e
+    model_cfg, k, input_shape = info["model"], info["num_classes"], list(info["input_shape"])
+    if k <= 0:
+      raise ValueError(
+        f"{path}: the file has no classifier head; set config.num_classes and "
+        "config.init_missing='params/head.*' to add a fresh one"
+      )
+    try:
+      abstract = _abstract(model_cfg, k, input_shape)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{path}: the inferred model config {model_cfg} does not build ({e})") from e
+    entries = _entries(fam_name, info, shapes, abstract)
+    covered = {f"{e.collection}/{e.ours}" for e in entries}
+    if covered != set(abstract):
+      raise RuntimeError(f"name map {fam_name} out of date with the model: {sorted(covered ^ set(abstract))[:4]}")
+    depth = int(model_cfg.get("depth", 0))
+    fresh_names = {n for n in abstract if trees.first_match(n, init_missing) is not None}
+    allow = [key for e in entries if f"{e.collection}/{e.ours}" in fresh_names for key in e.keys(depth)]
+    expected = names.expected_shapes(entries, abstract, depth)
+    skipped, not_taken = names.check(path, shapes, expected, fam.skip + skip_unexpected, allow, fam_name)
+    take_fresh = {f"{e.collection}/{e.ours}" for e in entries if set(e.keys(depth)) & set(not_taken)}
+    fresh = {}
+    if take_fresh:
+      module = build.model(model_cfg, k)
+      fresh = trees.flatten(jax.device_get(build.init_variables(module, jax.random.key(seed), input_shape)))
+    dtypes = {n: np.dtype(s.dtype) for n, s in abstract.items()}
+    source_dtypes = sorted({str(src.dtype(key)) for key in src.keys() if key not in skipped})
+    flat = names.import_tree(src, entries, depth, fresh, take_fresh, dtypes)
+  shaped = [
+    f"{n} {list(a.shape)} (model needs {list(abstract[n].shape)})"
+    for n, a in flat.items()
+    if tuple(a.shape) != tuple(abstract[n].shape)
+  ]
+  if shaped:
+    raise names.NameMapError(
+      f"{path}: converted tensors do not fit the model: {'; '.join(shaped[:3])}; check "
+      "config.num_heads and the other model keys"
+    )
+  resampled = None
+  if image_size and image_size != input_shape[0]:
+    flat, input_shape, resampled = _resample(
+      flat, model_cfg, input_shape, int(image_size), info.get("grid"), resample_method or fam.resample, path
+    )
+  tree = trees.unflatten(flat)
+  pre = dict(fam.preprocessing, **{key: v for key, v in (preprocessing or {}).items() if v not in (None, "", (), 0)})
+  meta = {
+    "model": model_cfg,
+    "parameterization": {"name": "identity"},
+    "data": {
+      "name": "imported",
+      "num_classes": k,
+      "input_shape": input_shape,
+      "input_dtype": "float32",
+      "config": {"name": ""},
+    },
+    "objective": {},
+    "step": 0,
+    "metrics": {},
+    "preprocessing": {
+      "image_size": input_shape[:2],
+      "mean": [float(x) for x in pre["mean"]],
+      "std": [float(x) for x in pre["std"]],
+      "interpolation": str(pre["interpolation"]),
+      "crop_pct": float(pre["crop_pct"]),
+    },
+    "provenance": {
+      "import": {
+        "source": os.path.abspath(path),
+        "sha256": readers.sha256(path) if compute_sha256 else None,
+        "format": readers.detect_format(path, format),
+        "family": fam_name,
+        "name_map": f"jaxlab.interop.{fam_name}",
+        "source_dtypes": source_dtypes,
+        "skipped": skipped,
+        "initialized": sorted(take_fresh),
+        "resampled_pos_embed": resampled,
+        "options": options,
+      }
+    },
+    "versions": checkpoint.versions(),
+  }
+  return Imported(theta=tree["params"], model_state={c: v for c, v in tree.items() if c != "params"}, meta=meta)
+
+
+def _resample(flat, model_cfg, input_shape, image_size, grid, method, path):
+  if model_cfg.get("name") != "vit":
+    # convolutional nets run at any size: only the recorded input size changes
+    return flat, [image_size, image_size, input_shape[2]], None
+  p = int(model_cfg["patch_size"])
+  if image_size % p:
+    raise ValueError(f"config.image_size={image_size} is not a multiple of the patch size {p}")
+  n_prefix = (
+    0
+    if model_cfg.get("no_embed_class")
+    else int(bool(model_cfg.get("class_token"))) + int(bool(model_cfg.get("distilled")))
+  )
+  new = image_size // p
+  flat = dict(flat)
+  flat["params/pos_embed"] = resample.resample_pos_embed(
+    flat["params/pos_embed"], n_prefix, (grid, grid), (new, new), method
+  )
+  return flat, [image_size, image_size, input_shape[2]], {"from": [grid, grid], "to": [new, new], "method": method}
+
+
+def _import_jaxlab(src, path: str, compute_sha256: bool) -> Imported:
+  meta_json = getattr(src, "metadata", {}).get(JAXLAB_META_KEY) if hasattr(src, "metadata") else None
+  if not meta_json:
+    raise ValueError(
+      f"{path}: no '{JAXLAB_META_KEY}' metadata; only files written by the export job with "
+      "config.format=jaxlab import as family 'jaxlab'"
+    )
+  meta = json.loads(meta_json)
+  abstract = trees.flatten(checkpoint.abstract_weights(meta))
+  present = {key: tuple(src.shape(key)) for key in src.keys()}
+  expected = {n: tuple(s.shape) for n, s in abstract.items()}
+  names.check(path, present, expected, map_name="jaxlab")
+  flat = {n: src.get(n).astype(abstract[n].dtype, copy=False) for n in expected}
+  tree = trees.unflatten(flat)
+  meta = dict(meta, step=0, metrics={})
+  meta["provenance"] = {
+    "import": {
+      "source": os.path.abspath(path),
+      "sha256": readers.sha256(path) if compute_sha256 else None,
+      "format": "safetensors",
+      "family": "jaxlab",
+      "name_map": "identity",
+      "previous_provenance": meta.get("provenance", {}),
+    }
+  }
+  return Imported(theta=tree["theta"], model_state=tree.get("model_state", {}), meta=meta)
+
+
+def check_output_dir(workdir: str) -> None:
+  out_ckpt = os.path.join(os.path.abspath(workdir), checkpoint.CKPT_SUBDIR)
+  if os.path.isdir(out_ckpt) and os.listdir(out_ckpt):
+    raise ValueError(f"--workdir={workdir} already holds a checkpoint; choose an empty output directory")
+
+
+def _preprocessing_options(config) -> dict:
+  pre = config.get("preprocessing") or {}
+  return {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in build.to_dict(pre).items()}
+
+
+def run_import(config, workdir: str) -> dict:
+  """The `import` job: `config.source` -> a step-0 jaxlab checkpoint in `workdir`."""
+  if not config.get("source"):
+    raise ValueError("config.source: give the checkpoint file to import (.safetensors, .pth/.bin, .npz)")
+  check_output_dir(workdir)
+  imp = import_file(
+    str(config.source),
+    format=config.get("format", "auto"),
+    family=config.get("family", "auto"),
+    num_heads=int(config.get("num_heads", 0)),
+    num_classes=int(config.get("num_classes", 0)),
+    image_size=int(config.get("image_size", 0)),
+    pool=config.get("pool", ""),
+    ln_eps=float(config.get("ln_eps", 0.0)),
+    skip_unexpected=config.get("skip_unexpected", ()),
+    init_missing=config.get("init_missing", ()),
+    resample_method=config.get("resample", ""),
+    seed=int(config.get("seed", 0)),
+    preprocessing=_preprocessing_options(config),
+  )
+  imp.meta["config"] = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else {}
+  checkpoint.save_weights(workdir, 0, imp.theta, imp.meta, imp.model_state)
+  prov = imp.meta["provenance"]["import"]
+  return {
+    "workdir": os.path.abspath(workdir),
+    "family": prov["family"],
+    "params": trees.count(imp.theta),
+    "model": json.dumps({k: v for k, v in imp.meta["model"].items() if v not in (0, 0.0, None, False)}),
+  }
+
+
+# ----------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------
+
+
+def timm_kwargs(model: dict, num_classes: int, input_shape) -> dict:
+  """`timm.create_model` keyword arguments that build the architecture of a jaxlab `vit` config."""
+  kw = dict(
+    img_size=int(input_shape[0]),
+    patch_size=int(model["patch_size"]),
+    in_chans=int(input_shape[2]),
+    embed_dim=int(model["width"]),
+    depth=int(model["depth"]),
+    num_heads=int(model["num_heads"]),
+    mlp_ratio=float(model["mlp_dim"]) / float(model["width"]),
+    num_classes=int(num_classes),
+    global_pool="token" if model.get("pool") == "cls" else "avg",
+    class_token=bool(model.get("class_token", model.get("pool") == "cls")),
+    no_embed_class=bool(model.get("no_embed_class", False)),
+    fc_norm=model.get("final_norm") == "pooled",
+  )
+  if model.get("layer_scale"):
+    kw["init_values"] = float(model["layer_scale"])
+  return kw
+
+
+def export_tensors(loaded: checkpoint.Loaded, format: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(name -> array, file metadata) of a loaded checkpoint in the naming of `format` (`timm` or `jaxlab`).
+
+  Raises:
+    ValueError: a model that `format` cannot express, or an unknown format.
+  """
+  meta = loaded.meta
+  model, k = dict(meta["model"]), int(meta["data"]["num_classes"])
+  if format == "jaxlab":
+    flat = trees.flatten(jax.device_get({"theta": loaded.theta, "model_state": loaded.model_state}))
+    return {n: np.ascontiguousarray(v) for n, v in flat.items()}, {JAXLAB_META_KEY: json.dumps(meta)}
+  if format != "timm":
+    raise ValueError(f"config.format={format!r}: choose timm or jaxlab")
+  name = model.get("name")
+  input_shape = meta["data"]["input_shape"]
+  if name != "vit" or len(input_shape) != 3:
+    what = {"lowrank_vit": "a low-rank (factorized) ViT", "wrn": "a WRN"}.get(name, f"model {name!r}")
+    raise ValueError(
+      f"{loaded.path}: {what} has no timm ViT equivalent; export it with config.format=jaxlab "
+      "(a plain state dict with jaxlab's names, see docs/interop.md)"
+    )
+  if model.get("distilled") and model.get("final_norm") != "tokens":
+    raise ValueError(f"{loaded.path}: a distilled ViT with final_norm='pooled' has no timm equivalent")
+  params = jax.device_get(loaded.params)  # materialized: a TLEG / soup parameterization exports its network
+  flat = trees.flatten({"params": params})
+  entries = vit_maps.timm_entries(model, k)
+  uncovered = sorted(set(flat) - {f"{e.collection}/{e.ours}" for e in entries})
+  if uncovered:
+    raise ValueError(
+      f"{loaded.path}: parameters without a timm name: {', '.join(uncovered[:4])}; export with config.format=jaxlab"
+    )
+  kw = timm_kwargs(model, k, input_shape)
+  if model.get("distilled"):
+    kw["_class"] = "timm.models.deit.VisionTransformerDistilled"
+  return names.export_tensors(flat, entries, int(model["depth"])), {"timm_kwargs": json.dumps(kw)}
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], out: str, metadata: dict[str, str]) -> None:
+  """Writes `out` atomically (a temporary file renamed into place), so a failure leaves nothing behind."""
+  from safetensors.numpy import save_file
+
+  tmp = out + ".tmp"
+  try:
+    save_file(tensors, tmp, metadata={"format": "pt", **metadata})
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def run_export(config, workdir: str) -> dict:
+  """The `export` job: `config.checkpoint` -> `config.out` (safetensors) in timm or jaxlab naming."""
+  if not config.get("checkpoint"):
+    raise ValueError("config.checkpoint: give the jaxlab checkpoint (workdir) to export")
+  out = str(config.get("out") or "")
+  if not out.endswith(".safetensors"):
+    raise ValueError(
+      f"config.out={out!r}: give a .safetensors file to write (timm loads it with "
+      "pretrained_cfg_overlay=dict(file=...))"
+    )
+  if os.path.exists(out) and not config.get("overwrite", False):
+    raise ValueError(f"config.out={out} exists; choose another file or set config.overwrite=True")
+  if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+    raise FileNotFoundError(f"config.out={out}: directory {os.path.dirname(os.path.abspath(out))} does not exist")
+  fmt = str(config.get("format", "timm"))
+  if fmt not in ("timm", "jaxlab"):
+    raise ValueError(f"config.format={fmt!r}: choose timm or jaxlab")
+  step = int(config.get("step", -1))
+  loaded = checkpoint.load(str(config.checkpoint), None if step < 0 else step)
+  tensors, metadata = export_tensors(loaded, fmt)
+  write_safetensors(tensors, out, metadata)
+  report = {
+    "checkpoint": os.path.abspath(str(config.checkpoint)),
+    "step": loaded.step,
+    "format": fmt,
+    "out": os.path.abspath(out),
+    "sha256": readers.sha256(out),
+    "tensors": len(tensors),
+    **({"timm_kwargs": json.loads(metadata["timm_kwargs"])} if "timm_kwargs" in metadata else {}),
+  }
+  with open(os.path.join(workdir, "export.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return {"workdir": os.path.abspath(workdir), "out": report["out"], "format": fmt, "tensors": len(tensors)}

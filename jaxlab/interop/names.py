@@ -1,0 +1,216 @@
+"""Name maps between foreign state dicts and jaxlab trees: one `Entry` per jaxlab leaf.
+
+An entry says which foreign tensor(s) make one jaxlab leaf and how:
+
+    Entry("blocks/attn/qkv/kernel", ("blocks.{i}.attn.qkv.weight",), LINEAR, stacked=True)
+
+`stacked` leaves have jaxlab's leading depth axis: the foreign keys contain
+`{i}` and are read for `i = 0 .. depth-1` and stacked on import (unstacked on
+export). `Conversion`s are pairs of array functions written with array methods
+only (`.transpose`, `.reshape`), so that they work on numpy arrays and, through
+`jax.eval_shape`, on shapes alone: the expected foreign shapes are known before
+any tensor is read, which lets the import job list missing, unexpected and
+mis-shaped tensors in one error without reading the file's data.
+
+`collection` says where the leaf goes: `params` (the trainable tree) or another
+Flax collection such as `batch_stats` (BatchNorm running statistics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxlab import trees
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+  """`to_ours(list of foreign arrays) -> jaxlab array` and its inverse `to_theirs(array) -> list`."""
+
+  name: str
+  to_ours: Callable[[list], object]
+  to_theirs: Callable[[object], list]
+
+
+SAME = Conversion("same", lambda xs: xs[0], lambda x: [x])
+# torch Linear weight [out, in] <-> Flax Dense kernel [in, out]
+LINEAR = Conversion("linear", lambda xs: xs[0].transpose(1, 0), lambda x: [x.transpose(1, 0)])
+# torch Conv2d weight [out, in, kh, kw] <-> Flax Conv kernel [kh, kw, in, out]
+CONV = Conversion("conv", lambda xs: xs[0].transpose(2, 3, 1, 0), lambda x: [x.transpose(3, 2, 0, 1)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One jaxlab leaf (`ours`, a `/` path in `collection`) and the foreign key(s) it is made of."""
+
+  ours: str
+  theirs: tuple[str, ...]
+  conversion: Conversion = SAME
+  stacked: bool = False
+  collection: str = "params"
+
+  def keys(self, depth: int) -> list[str]:
+    """The foreign keys of this entry, layer by layer for stacked entries."""
+    if not self.stacked:
+      return list(self.theirs)
+    return [k.format(i=i) for i in range(depth) for k in self.theirs]
+
+  def layer_keys(self, i: int) -> list[str]:
+    return [k.format(i=i) for k in self.theirs]
+
+
+def expected_shapes(
+  entries: Sequence[Entry], ours: dict[str, jax.ShapeDtypeStruct], depth: int
+) -> dict[str, tuple[int, ...] | None]:
+  """Foreign key -> the shape it must have for the jaxlab leaves `ours` (`collection/path` -> struct).
+
+  The shape is None for import-only conversions (checked after conversion instead).
+  """
+  out = {}
+  for e in entries:
+    target = ours.get(f"{e.collection}/{e.ours}")
+    if target is None:
+      continue
+    shape = target.shape[1:] if e.stacked else target.shape
+    keys = [e.layer_keys(i) for i in range(depth)] if e.stacked else [list(e.theirs)]
+    if e.conversion.to_theirs is None:  # import-only conversion: shapes are checked after conversion
+      theirs = [None] * len(e.theirs)
+    else:
+      theirs = [
+        tuple(s.shape) for s in jax.eval_shape(e.conversion.to_theirs, jax.ShapeDtypeStruct(shape, target.dtype))
+      ]
+    for layer in keys:
+      for k, s in zip(layer, theirs):
+        out[k] = s
+  return out
+
+
+class NameMapError(ValueError):
+  """A foreign file whose tensors do not match the name map (missing, unexpected or mis-shaped)."""
+
+
+def _listing(items: Sequence[str], n: int = 4) -> str:
+  more = f" and {len(items) - n} more" if len(items) > n else ""
+  return ", ".join(items[:n]) + more
+
+
+def check(
+  path: str,
+  present: dict[str, tuple[int, ...]],
+  expected: dict[str, tuple[int, ...]],
+  skip_unexpected: Sequence[str] = (),
+  allow_missing: Sequence[str] = (),
+  map_name: str = "",
+) -> tuple[list[str], list[str]]:
+  """Strict comparison of a file's tensors with a name map's expectation.
+
+  Args:
+    path: the file (for the message).
+    present: foreign key -> shape in the file.
+    expected: foreign key -> shape the jaxlab model needs.
+    skip_unexpected: regexes (`re.fullmatch`) of file keys that may be left unused.
+    allow_missing: foreign keys whose absence (or other shape) is allowed (their jaxlab leaves are initialised
+      fresh by the caller).
+    map_name: the name map, for the message.
+
+  Returns:
+    `(skipped, missing_allowed)`: the file keys left unused and the expected keys not taken from the file.
+
+  Raises:
+    NameMapError: one line naming the first few missing, unexpected and mis-shaped tensors and the config
+      keys that allow them.
+  """
+  allowed = set(allow_missing)
+  missing = [k for k in expected if k not in present and k not in allowed]
+  unexpected = [k for k in present if k not in expected and trees.first_match(k, skip_unexpected) is None]
+  shaped = [
+    f"{k} {list(present[k])} (model needs {list(expected[k])})"
+    for k in expected
+    if k in present and expected[k] is not None and tuple(present[k]) != tuple(expected[k]) and k not in allowed
+  ]
+  if missing or unexpected or shaped:
+    parts = []
+    if missing:
+      parts.append(f"{len(missing)} missing: {_listing(missing)}")
+    if unexpected:
+      parts.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+    if shaped:
+      parts.append(f"{len(shaped)} mis-shaped: {_listing(shaped, 3)}")
+    raise NameMapError(
+      f"{path}: tensors do not match the {map_name or 'name'} map ({'; '.join(parts)}); check "
+      "config.family and the model keys (num_heads, image_size, num_classes, ...), or allow them with "
+      "config.skip_unexpected (regexes of file keys to ignore) / config.init_missing (regexes of jaxlab "
+      "paths to initialise fresh, e.g. 'params/head/.*')"
+    )
+  skipped = [k for k in present if k not in expected]
+  missing_allowed = [
+    k for k in expected if k not in present or (expected[k] is not None and tuple(present[k]) != tuple(expected[k]))
+  ]
+  return skipped, missing_allowed
+
+
+def import_tree(
+  source,
+  entries: Sequence[Entry],
+  depth: int,
+  fresh: dict[str, np.ndarray],
+  take_fresh: set[str],
+  dtypes: dict[str, np.dtype],
+) -> dict[str, np.ndarray]:
+  """Builds the flat jaxlab tree (`collection/path` -> array) from a `TensorSource`, one tensor at a time.
+
+  Stacked leaves are filled layer by layer into one preallocated array, so peak memory stays near the size of
+  the output. Leaves in `take_fresh` come from `fresh` (freshly initialised) instead of the file.
+  """
+  out = {}
+  for e in entries:
+    name = f"{e.collection}/{e.ours}"
+    if name in take_fresh:
+      out[name] = np.asarray(fresh[name])
+      continue
+    dtype = dtypes.get(name, np.float32)
+    if not e.stacked:
+      out[name] = np.asarray(e.conversion.to_ours([source.get(k) for k in e.theirs]), dtype=dtype)
+      continue
+    arr = None
+    for i in range(depth):
+      layer = np.asarray(e.conversion.to_ours([source.get(k) for k in e.layer_keys(i)]))
+      if arr is None:
+        arr = np.empty((depth, *layer.shape), dtype)
+      arr[i] = layer
+    out[name] = arr
+  return out
+
+
+def export_tensors(flat: dict[str, np.ndarray], entries: Sequence[Entry], depth: int) -> dict[str, np.ndarray]:
+  """The foreign state dict (key -> contiguous array) of a flat jaxlab tree, blocks unstacked."""
+  out = {}
+  for e in entries:
+    arr = np.asarray(flat[f"{e.collection}/{e.ours}"])
+    layers = [(arr[i], e.layer_keys(i)) for i in range(depth)] if e.stacked else [(arr, list(e.theirs))]
+    for value, keys in layers:
+      for k, v in zip(keys, e.conversion.to_theirs(value)):
+        out[k] = np.ascontiguousarray(v)
+  return out
+
+
+def regex_list(values) -> tuple[str, ...]:
+  """Regexes from a config value (tuple or comma-separated string); each is compiled to catch typos early.
+
+  Raises:
+    ValueError: an invalid regex.
+  """
+  if isinstance(values, str):
+    values = [v for v in values.split(",")]
+  out = tuple(str(v).strip() for v in values or () if str(v).strip())
+  for v in out:
+    try:
+      re.compile(v)
+    except re.error as e:
+      raise ValueError(f"invalid regex {v!r} ({e})") from e
+  return out
