@@ -69,7 +69,10 @@ def _run_job(config, workdir: str) -> dict:
   if job == "pipeline":
     from jaxlab import pipelines
     return pipelines.get(config.pipeline)(config, workdir)
-  raise ValueError(f"config.job: unknown job {job!r}; use train, transform, evaluate or pipeline")
+  if job in ("import", "export"):
+    from jaxlab.interop import jobs
+    return jobs.run_import(config, workdir) if job == "import" else jobs.run_export(config, workdir)
+  raise ValueError(f"config.job: unknown job {job!r}; use train, transform, evaluate, pipeline, import or export")
 
 
 def _summary_line(result: dict) -> str:
