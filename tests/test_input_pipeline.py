@@ -1,6 +1,7 @@
 """The input pipeline: (seed, step) batches through grain workers and prefetch, image preprocessing,
 Mixup/CutMix with soft labels, random erasing, RandAugment, presets and checkpoint preprocessing."""
 
+import json
 import math
 import os
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import run_main, tiny_config
 from PIL import Image
 
-from jaxlab import data, objectives, sharding, train
+from jaxlab import checkpoint, data, objectives, sharding, train
 from jaxlab.data import images, mixing, pipeline, randaugment
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -170,10 +171,14 @@ def test_randaugment_spec_and_ops():
     randaugment.parse("rand-q9")
   img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
   for name in randaugment.INCREASING_OPS + randaugment.DEFAULT_OPS:
-    out = randaugment._op(name, img, 9.0, np.random.default_rng(0))
-    assert out.size == img.size and out.mode == img.mode, name
+    for level in (0.0, 9.0, 10.0):  # the whole magnitude range (mstd noise is clipped to [0, 10])
+      for im in (img, img.convert("L")):
+        out = randaugment._op(name, im, level, np.random.default_rng(0))
+        assert out.size == im.size and out.mode == im.mode, (name, level, im.mode)
   # Invert is exact; PosterizeIncreasing at m=10 keeps 0 bits
   np.testing.assert_array_equal(np.asarray(randaugment._op("Invert", img, 5, None)), 255 - np.asarray(img))
+  np.testing.assert_array_equal(np.asarray(randaugment._op("PosterizeIncreasing", img, 10, None)), 0)
+  np.testing.assert_array_equal(np.asarray(randaugment._op("Posterize", img, 5, None)), np.asarray(img) & 0xC0)
   a = randaugment.apply(img, spec, np.random.default_rng(3))
   b = randaugment.apply(img, spec, np.random.default_rng(3))
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # a function of the generator's state
@@ -202,6 +207,30 @@ def test_settings_rule_explicit_over_checkpoint_over_preset():
     images.resolve({"interpolation": "cubic"})
 
 
+def test_image_settings_from_checkpoint_meta_through_get_dataset():
+  """An imported model's meta sets size, mean/std and interpolation of a tfds image set unless data.* says."""
+  meta = {
+    "preprocessing": {
+      "image_size": [20, 20],
+      "mean": [0.5, 0.5, 0.5],
+      "std": [0.25, 0.25, 0.25],
+      "interpolation": "bicubic",
+      "crop_pct": 1.0,
+    }
+  }
+  with tfds.testing.mock_data(num_examples=4):
+    ds = data.get_dataset({"name": "tfds", "tfds_name": "imagenet2012", "split_map": {"train": "train"}}, meta)
+    own = data.get_dataset(
+      {"name": "tfds", "tfds_name": "imagenet2012", "split_map": {"train": "train"}, "image_size": 12}, meta
+    )
+    x = ds.sample_batch(2)["inputs"]
+  assert ds.input_shape == (20, 20, 3) and own.input_shape == (12, 12, 3) and x.shape == (2, 20, 20, 3)
+  assert ds.normalize == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+  assert ds.info["preprocessing"]["interpolation"] == "bicubic"
+  out = np.asarray(ds.device_preprocess({"inputs": jnp.asarray(x)})["inputs"])
+  np.testing.assert_allclose(out, (x / 255.0 - 0.5) / 0.25, rtol=1e-5, atol=1e-5)
+
+
 def test_deit_preset_trains_end_to_end_on_mock_images(tmp_path):
   """A tiny ViT through train_and_evaluate with the DeiT recipe (RandAugment, erasing, Mixup/CutMix)."""
   cfg = tiny_config(steps=2, eval_every=0, checkpoint_every=0)
@@ -213,22 +242,6 @@ def test_deit_preset_trains_end_to_end_on_mock_images(tmp_path):
     summary = train.train_and_evaluate(cfg, str(tmp_path / "deit"))
   assert summary["steps"] == 2 and math.isfinite(summary["metrics"]["test"]["loss"])
   assert summary["metrics"]["test"]["count"] == 16
-
-
-def test_entry_point_with_two_workers(tmp_path):
-  """grain workers start with spawn: the real entry point runs with data.workers=2."""
-  wd = str(tmp_path / "w2")
-  r = run_main(
-    "--config=ml_collections_configs/digits_vit.py:smoke",
-    f"--workdir={wd}",
-    "--config.data.workers=2",
-    "--config.total_steps=3",
-    "--config.eval_every=0",
-    "--config.checkpoint_every=0",
-    "--config.progress=False",
-  )
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert "test accuracy" in r.stdout + r.stderr
 
 
 # ----------------------------------------------------------------------------
@@ -319,3 +332,21 @@ def test_sequence_pooling_over_real_tokens_ignores_padding():
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   plain = build.model({**cfg, "pool_pad_id": -1}, 10)  # default: every position pooled, padding changes it
   assert not np.allclose(np.asarray(plain.apply(params, short)), np.asarray(plain.apply(params, long_)), atol=1e-4)
+
+
+def test_lra_smoke_config_through_the_entry_point_with_two_workers(tmp_path):
+  """lra.py:smoke on release-layout files via `python -m jaxlab.main`, with 2 grain workers (spawned)."""
+  lra_dir, _ = _write_lra(tmp_path)
+  wd = str(tmp_path / "run")
+  r = run_main(
+    "--config=ml_collections_configs/lra.py:smoke",
+    f"--workdir={wd}",
+    f"--config.data.lra_dir={lra_dir}",
+    "--config.data.workers=2",
+    "--config.progress=False",
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.load(open(os.path.join(wd, "summary.json")))
+  assert summary["steps"] == 3 and summary["metrics"]["test"]["count"] == 3
+  meta = checkpoint.load_meta(wd)
+  assert meta["model"]["pool_pad_id"] == 0 and meta["data"]["name"] == "lra_listops"

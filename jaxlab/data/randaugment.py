@@ -116,6 +116,14 @@ def _solarize_add(img, add: int, thresh: int = 128):
   return img.point(lut * (3 if img.mode == "RGB" else 1))
 
 
+def _posterize(img, bits: int):
+  """Keep the `bits` high bits of each channel (0..8; Pillow's own posterize refuses 0, which timm's levels reach)."""
+  if bits >= 8:
+    return img
+  mask = ~(2 ** (8 - bits) - 1) & 0xFF
+  return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
 def _op(name: str, img: Image.Image, level: float, rng) -> Image.Image:
   f = level / MAX_LEVEL
   w, h = img.size
@@ -129,9 +137,9 @@ def _op(name: str, img: Image.Image, level: float, rng) -> Image.Image:
     resample = Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC
     return img.rotate(_signed(f * 30.0, rng), resample=resample, fillcolor=_fill(img))
   if name == "Posterize":
-    return ImageOps.posterize(img, int(f * 4))
+    return _posterize(img, int(f * 4))
   if name == "PosterizeIncreasing":
-    return ImageOps.posterize(img, 4 - int(f * 4))
+    return _posterize(img, 4 - int(f * 4))
   if name == "Solarize":
     return ImageOps.solarize(img, int(f * 256))
   if name == "SolarizeIncreasing":
