@@ -268,3 +268,51 @@ def test_import_and_export_jobs_smoke_and_bad_input_through_main(tmp_path):
   errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
   assert len(errors) == 1 and "mis-shaped: blocks.0.attn.qkv.weight [7, 24] (model needs [72, 24])" in errors[0]
   assert not (tmp_path / "bad_out").exists() and readers.sha256(bad) == before
+
+
+def test_mixturegrowth_transform_runs_on_an_imported_official_wrn(tmp_path):
+  """grow_net2net (function preserving) on a WRN in the MixtureGrowth code's naming keeps its logits."""
+  from jaxlab import transforms
+
+  loaded = _save(_import("wrn_mixturegrowth.pth"), tmp_path / "wrn")
+  out = transforms.apply("grow_net2net", [loaded])
+  assert out.meta["model"]["widen_factor"] == 1.0 and out.meta["model"]["stem_width"] == 32
+  y = _apply(out.meta["model"], 5, out.theta, out.model_state, REF["x16"])
+  assert np.abs(y - REF["logits_wrn_mixturegrowth"]).max() <= 1e-5
+
+
+def test_imported_model_on_tfds_images_of_varied_sizes_with_the_preprocessing_in_its_meta(tmp_path):
+  """Mock tf_flowers images (5 classes, varied sizes) through the data layer, preprocessed as the meta says."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import math
+
+  import jax.numpy as jnp
+  from PIL import Image
+
+  from jaxlab import data, train
+
+  loaded = _save(_import("vit_avg.safetensors"), tmp_path / "m")
+  cfg = {"name": "tfds", "tfds_name": "tf_flowers", "split_map": {"train": "train", "test": "train"}}
+  with tfds.testing.mock_data(num_examples=6):
+    raw = tfds.data_source("tf_flowers", split="train")
+    images = [np.asarray(raw[i]["image"]) for i in range(6)]
+    labels = np.array([int(raw[i]["label"]) for i in range(6)])
+    metrics = train.evaluate_checkpoint(loaded.path, "test", 3, data_cfg=cfg)
+    ds = data.get_dataset(cfg, loaded.meta)
+    batch = next(ds.eval_batches("test", 6))
+  assert len({im.shape[:2] for im in images}) > 1  # the mock images really vary in size
+  assert ds.input_shape == (16, 16, 3) and ds.num_classes == 5
+  # eval transform as timm's for crop_pct 0.875: shorter side to floor(16 / 0.875) = 18 (PIL bicubic), center 16
+  h, w = images[0].shape[:2]
+  short = math.floor(16 / 0.875)
+  nh, nw = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
+  resized = np.asarray(Image.fromarray(images[0]).resize((nw, nh), Image.BICUBIC))
+  top, left = round((nh - 16) / 2), round((nw - 16) / 2)
+  np.testing.assert_array_equal(batch["inputs"][0], resized[top : top + 16, left : left + 16])
+  x = np.asarray(ds.device_preprocess({"inputs": jnp.asarray(batch["inputs"])})["inputs"])
+  mean, std = np.array(loaded.meta["preprocessing"]["mean"]), np.array(loaded.meta["preprocessing"]["std"])
+  np.testing.assert_allclose(x, (batch["inputs"] / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
+  logits = np.asarray(loaded.apply(x))
+  assert metrics["count"] == 6
+  assert sorted(batch["label"].tolist()) == sorted(labels.tolist())
+  assert metrics["accuracy"] == pytest.approx(float(np.mean(logits.argmax(-1) == batch["label"])))

@@ -450,8 +450,16 @@ def run_export(config, workdir: str) -> dict:
     "out": os.path.abspath(out),
     "sha256": readers.sha256(out),
     "tensors": len(tensors),
-    **({"timm_kwargs": json.loads(metadata["timm_kwargs"])} if "timm_kwargs" in metadata else {}),
   }
+  if "timm_kwargs" in metadata:
+    kw = json.loads(metadata["timm_kwargs"])
+    report["timm_kwargs"] = kw
+    # num_classes in the overlay: timm drops a pretrained head whose class count differs from its default cfg
+    name = "deit_*_distilled_*" if kw.get("_class") else "vit_* / deit*"
+    report["timm_usage"] = (
+      f"timm.create_model(<a {name} name>, pretrained=True, pretrained_cfg_overlay=dict(file="
+      f"{os.path.abspath(out)!r}, num_classes={kw['num_classes']}), **timm_kwargs)"
+    )
   with open(os.path.join(workdir, "export.json"), "w") as f:
     json.dump(report, f, indent=2)
   return {"workdir": os.path.abspath(workdir), "out": report["out"], "format": fmt, "tensors": len(tensors)}

@@ -128,7 +128,8 @@ class SafetensorsSource(TensorSource):
     return np.dtype(_SAFETENSORS_DTYPES.get(self._f.get_slice(key).get_dtype(), "V"))
 
   def get(self, key):
-    return np.array(self._f.get_tensor(key))
+    t = self._f.get_tensor(key)  # already a fresh array; copy only if it is a read-only view
+    return t if t.flags.writeable and t.flags.owndata else np.array(t)
 
 
 _SAFETENSORS_DTYPES = {
