@@ -240,8 +240,12 @@ def test_deit_preset_trains_end_to_end_on_mock_images(tmp_path):
   cfg.model.patch_size = 8
   with tfds.testing.mock_data(num_examples=16):
     summary = train.train_and_evaluate(cfg, str(tmp_path / "deit"))
+    again = train.evaluate_checkpoint(str(tmp_path / "deit"), "test")  # settings rebuilt from the meta alone
   assert summary["steps"] == 2 and math.isfinite(summary["metrics"]["test"]["loss"])
   assert summary["metrics"]["test"]["count"] == 16
+  assert again["loss"] == pytest.approx(summary["metrics"]["test"]["loss"], rel=1e-5)
+  meta = checkpoint.load_meta(str(tmp_path / "deit"))
+  assert meta["data"]["preprocessing"]["mixup"] == 0.8 and meta["data"]["preprocessing"]["image_size"] == 16
 
 
 # ----------------------------------------------------------------------------

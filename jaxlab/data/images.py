@@ -116,7 +116,10 @@ def resolve(data_cfg, checkpoint_meta: dict | None = None) -> dict:
   if preset and preset not in PRESETS:
     raise ValueError(f"config.data.preset: unknown preset {preset!r}; known: {sorted(PRESETS)}")
   out = {**DEFAULTS, **PRESETS.get(preset, {})}
-  pre = (checkpoint_meta or {}).get("preprocessing") or {}
+  meta = checkpoint_meta or {}
+  # an imported checkpoint's meta['preprocessing'], or what a jaxlab run recorded in meta['data']['preprocessing']
+  pre = meta.get("preprocessing") or (meta.get("data") or {}).get("preprocessing") or {}
+  pre = {k: pre[k] for k in ("image_size", "mean", "std", "interpolation", "crop_pct") if pre.get(k) is not None}
   if pre:
     size = pre.get("image_size")
     if size is not None:

@@ -52,8 +52,10 @@ class _RawSource:
 
 
 def _image_mode(cfg, checkpoint_meta) -> bool:
+  meta = checkpoint_meta or {}
+  from_meta = meta.get("preprocessing") or (meta.get("data") or {}).get("preprocessing")
   return bool(int(cfg.get("image_size", 0) or 0) > 0 or cfg.get("preset", "") or int(cfg.get("channels", 0) or 0)
-              or (checkpoint_meta or {}).get("preprocessing"))
+              or from_meta)
 
 
 @base.register("tfds")
