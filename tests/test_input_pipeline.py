@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_main, tiny_config
+from conftest import run_main, run_python, tiny_config
 from PIL import Image
 
 from jaxlab import checkpoint, data, objectives, sharding, train
@@ -354,3 +354,28 @@ def test_lra_smoke_config_through_the_entry_point_with_two_workers(tmp_path):
   assert summary["steps"] == 3 and summary["metrics"]["test"]["count"] == 3
   meta = checkpoint.load_meta(wd)
   assert meta["model"]["pool_pad_id"] == 0 and meta["data"]["name"] == "lra_listops"
+
+
+MIX_SNIPPET = """
+import json, jax, numpy as np
+from jaxlab import data, sharding
+ds = data.get_dataset({"name": "digits"})
+cfg = {"mixup": 0.8, "cutmix": 1.0, "random_erase": 0.5, "prefetch": 1}
+out = {}
+for n in (1, 8):
+  with data.TrainBatches(ds, cfg, start=2, total=5, batch_size=16, seed=1, mesh=sharding.make_mesh(n)) as it:
+    out[n] = [jax.device_get(b) for b in it]
+assert len(jax.devices()) == 8
+for a, b in zip(out[1], out[8]):
+  for k in ("inputs", "soft_label", "label"):
+    np.testing.assert_array_equal(a[k], b[k])
+print("RESULT", json.dumps({"mixed": float(np.mean(out[8][0]["soft_label"].max(-1) < 1))}))
+"""
+
+
+def test_device_mixing_is_the_same_on_one_and_eight_devices():
+  """Mixup/CutMix pair example i with B-1-i of the *global* batch, also when it is sharded over 8 devices."""
+  r = run_python(MIX_SNIPPET, env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  mixed = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))[6:])["mixed"]
+  assert mixed > 0  # the batch really was mixed
