@@ -1,27 +1,67 @@
-"""Examples/s of the jaxlab ViT train step against the same model + AdamW in plain PyTorch.
+"""Examples/s, TFLOP/s and MFU of the jaxlab ViT train step; on a CPU, side by side with the same step in PyTorch.
 
-Same shapes (ViT-Ti dims: width 192, depth 12, 3 heads, MLP 768; 32x32x3 inputs,
-4x4 patches -> 64 tokens; 10 classes), same optimizer (AdamW, clip 1.0), one
-process on this machine. Prints both figures and the ratio. On a GPU it also
-prints model FLOPs utilisation (pass --peak_tflops).
+CPU (the default there): ViT-Ti dims (width 192, depth 12, 3 heads, MLP 768), 32x32x3 inputs, 4x4 patches ->
+64 tokens, 10 classes, batch 32; the same model, AdamW and clipping in PyTorch eager. Both steps are built
+once and timed in alternation (`--repeats` rounds of `--steps` steps each), so load from other processes hits
+both alike; it prints each round, the median and range of each, and the median of the per-round ratios.
 
-    python benchmarks/train_step.py [--batch 32] [--steps 20] [--size Ti] [--breakdown]
+    python benchmarks/train_step.py                      # CPU: jaxlab vs PyTorch, ViT-Ti, batch 32
+    python benchmarks/train_step.py --breakdown          # + building blocks timed in both frameworks
+    python benchmarks/train_step.py --memory --size B    # + XLA's memory analysis with and without remat
+    python benchmarks/train_step.py --host_devices 2     # data parallel over 2 host devices (batch split)
 
-`--breakdown` also times the step's building blocks at the same shapes in both
-frameworks (dense matmul, attention core forward and backward, exact GELU,
-LayerNorm), to show where a gap comes from.
+Accelerator (the default when jax's backend is a GPU or TPU): ViT-S and ViT-B, bfloat16 compute (float32
+master weights), 224x224 images in 16x16 patches (196 tokens), 1000 classes, batch 256; prints examples/s,
+analytic TFLOP/s and MFU against the device's dense bf16 peak (looked up from its device kind, or
+`--peak_tflops`), and the peak memory from XLA's memory analysis:
+
+    python benchmarks/train_step.py                      # on a GPU/TPU machine: ViT-S and ViT-B, bf16
+    python benchmarks/train_step.py --sizes B --batch 512 --remat dots_saveable
+
+FLOPs are analytic (3x the forward matmuls, attention included; XLA's cost analysis counts a scanned layer
+once), so MFU here is model FLOPs utilisation: recomputation under remat is not counted as useful work.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
 import time
 
-import jax
 import numpy as np
 
-from jaxlab import configs, models, optim, parameterizations, train, trees
-from jaxlab.models.vit import SIZES
+# Dense (no sparsity) bf16 peak TFLOP/s per chip, from the vendors' data sheets. First substring match of the
+# device kind wins, so the more specific names come first.
+PEAK_BF16_TFLOPS = (
+  ("H100 PCIe", 756.0),
+  ("H100", 989.0),  # SXM / HBM3
+  ("H200", 989.0),
+  ("GH200", 989.0),
+  ("B200", 2250.0),
+  ("A100", 312.0),
+  ("L40S", 362.0),
+  ("L4", 121.0),
+  ("A10G", 70.0),
+  ("A10", 125.0),
+  ("TPU v6 lite", 918.0),  # v6e
+  ("TPU v5 lite", 197.0),  # v5e
+  ("TPU v5", 459.0),  # v5p
+  ("TPU v4", 275.0),
+)
+
+SIZES = {"digits": (64, 4, 4, 128), "Ti": (192, 12, 3, 768), "S": (384, 12, 6, 1536), "B": (768, 12, 12, 3072)}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float:
+  """The dense bf16/fp16 peak of `device_kind` (jax's `Device.device_kind`) in TFLOP/s; 0 when unknown/float32."""
+  if dtype not in ("bfloat16", "float16"):
+    return 0.0
+  for name, peak in PEAK_BF16_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return peak
+  return 0.0
 
 
 def model_flops(width, depth, mlp, batch, tokens, patch, channels=3, classes=10) -> float:
@@ -31,38 +71,133 @@ def model_flops(width, depth, mlp, batch, tokens, patch, channels=3, classes=10)
   return 3.0 * batch * forward
 
 
-def jaxlab_rate(width, depth, heads, mlp, batch, steps, image, patch):
+# ----------------------------------------------------------------------------------------------------------
+# jaxlab
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _model_config(a, size):
+  from jaxlab import configs
+
+  width, depth, heads, mlp = SIZES[size]
+  m = configs.vit_digits_model()
+  m.update(
+    dict(
+      width=width,
+      depth=depth,
+      num_heads=heads,
+      mlp_dim=mlp,
+      patch_size=a.patch,
+      dtype=a.dtype,
+      remat=a.remat,
+      scan_unroll=min(a.scan_unroll, depth),
+      attention_impl=a.attention_impl,
+    )
+  )
+  return m
+
+
+def _step_and_state(a, size, abstract=False):
+  """The jitted jaxlab train step (real `train.make_train_step`) and its initial state (or its shapes)."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxlab import configs, models, optim, parameterizations, train
+
   cfg = configs.base()
-  cfg.model = configs.vit_digits_model()
-  cfg.model.update(dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=patch))
-  module = models.build(cfg.model.to_dict(), 10)
-  x = np.random.default_rng(0).standard_normal((batch, image, image, 3)).astype(np.float32)
-  y = np.random.default_rng(1).integers(0, 10, batch).astype(np.int32)
-  params = module.init({"params": jax.random.key(0)}, x[:1])["params"]
+  module = models.build(_model_config(a, size).to_dict(), a.classes)
+  x = np.zeros((1, a.image, a.image, 3), np.float32)
   param = parameterizations.build({"name": "identity"})
-  tx, _ = optim.build(cfg.optimizer, params, 1000)
-  state = {"step": jax.numpy.zeros((), jax.numpy.int32), "theta": params, "opt_state": tx.init(params),
-           "model_state": {}}
+
+  def init():
+    params = module.init({"params": jax.random.key(0)}, x)["params"]
+    tx, _ = optim.build(cfg.optimizer, params, 1000)
+    return {"step": jnp.zeros((), jnp.int32), "theta": params, "opt_state": tx.init(params), "model_state": {}}
+
+  shapes = jax.eval_shape(init)
+  tx, _ = optim.build(cfg.optimizer, shapes["theta"], 1000)
   step = jax.jit(train.make_train_step(module, param, tx, cfg.objective), donate_argnums=(0,))
-  batch_d = {"inputs": jax.device_put(x), "label": jax.device_put(y)}
+  return step, (shapes if abstract else jax.jit(init)())
+
+
+def _batch(a, abstract=False):
+  import jax
+
+  from jaxlab import sharding
+
+  if abstract:
+    return {
+      "inputs": jax.ShapeDtypeStruct((a.batch, a.image, a.image, 3), np.float32),
+      "label": jax.ShapeDtypeStruct((a.batch,), np.int32),
+    }
+  x = np.random.default_rng(0).standard_normal((a.batch, a.image, a.image, 3)).astype(np.float32)
+  y = np.random.default_rng(1).integers(0, a.classes, a.batch).astype(np.int32)
+  return sharding.put_batch({"inputs": x, "label": y}, sharding.make_mesh())
+
+
+def jaxlab_runner(a, size):
+  """A function running `n` jaxlab train steps and returning their seconds (state kept between calls)."""
+  import jax
+
+  from jaxlab import sharding, trees
+
+  step, state = _step_and_state(a, size)
+  mesh = sharding.make_mesh()
+  state = jax.device_put(state, sharding.replicated(mesh))
+  batch, rng = _batch(a), jax.random.key(0)
+  box = [state]
+
+  def run(n):
+    s = box[0]
+    jax.block_until_ready(s)
+    t = time.perf_counter()
+    for _ in range(n):
+      s, _ = step(s, batch, rng)
+    jax.block_until_ready(s)
+    box[0] = s
+    return time.perf_counter() - t
+
+  run(2)  # compile and warm up
+  return run, trees.count(state["theta"])
+
+
+def memory_report(a, size, remats=("", "dots_saveable", "nothing_saveable")):
+  """XLA's memory analysis of the compiled train step for each remat policy (compiled only, never run)."""
+  import jax
+
   rng = jax.random.key(0)
-  compiled = step.lower(state, batch_d, rng).compile()
-  del compiled  # XLA's cost analysis counts a scanned layer once, so the FLOPs are counted analytically
-  flops = model_flops(width, depth, mlp, batch, (image // patch) ** 2, patch)
-  for _ in range(3):
-    state, m = step(state, batch_d, rng)
-  jax.block_until_ready(state)
-  t = time.perf_counter()
-  for _ in range(steps):
-    state, m = step(state, batch_d, rng)
-  jax.block_until_ready(state)
-  dt = time.perf_counter() - t
-  return batch * steps / dt, flops, trees.count(params)
+  print(
+    f"XLA memory analysis, ViT-{size} train step, batch {a.batch}, {(a.image // a.patch) ** 2} tokens, "
+    f"{a.dtype or 'float32'} compute ({jax.devices()[0].device_kind}):"
+  )
+  print(f"  {'remat':18s} {'temp (activations) MiB':>23s} {'arguments MiB':>14s} {'peak memory MiB':>16s}")
+  out = {}
+  for remat in remats:
+    a_r = argparse.Namespace(**{**vars(a), "remat": remat})
+    step, state = _step_and_state(a_r, size, abstract=True)
+    m = step.lower(state, _batch(a_r, abstract=True), rng).compile().memory_analysis()
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    out[remat or "none"] = peak
+    print(
+      f"  {remat or 'none':18s} {m.temp_size_in_bytes / 2**20:23.1f} {m.argument_size_in_bytes / 2**20:14.1f} "
+      f"{peak / 2**20:16.1f}",
+      flush=True,
+    )
+  return out
 
 
-def torch_rate(width, depth, heads, mlp, batch, steps, image, patch):
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch (CPU reference)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def torch_runner(a, size):
+  """The same ViT + AdamW + clipping in PyTorch eager; returns (run(n) -> seconds, version, threads)."""
   import torch
   from torch import nn
+
+  width, depth, heads, mlp = SIZES[size]
+  image, patch = a.image, a.patch
 
   class Block(nn.Module):
     def __init__(self):
@@ -74,8 +209,8 @@ def torch_rate(width, depth, heads, mlp, batch, steps, image, patch):
     def forward(self, x):
       b, t, d = x.shape
       q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-      a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-      x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+      att = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+      x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
       return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
 
   class ViT(nn.Module):
@@ -84,7 +219,7 @@ def torch_rate(width, depth, heads, mlp, batch, steps, image, patch):
       self.patch = nn.Conv2d(3, width, patch, patch)
       self.pos = nn.Parameter(torch.zeros(1, (image // patch) ** 2, width))
       self.blocks = nn.Sequential(*[Block() for _ in range(depth)])
-      self.norm, self.head = nn.LayerNorm(width, eps=1e-6), nn.Linear(width, 10)
+      self.norm, self.head = nn.LayerNorm(width, eps=1e-6), nn.Linear(width, a.classes)
 
     def forward(self, x):
       x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
@@ -93,8 +228,8 @@ def torch_rate(width, depth, heads, mlp, batch, steps, image, patch):
   torch.manual_seed(0)
   model = ViT()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-  x = torch.randn(batch, 3, image, image)
-  y = torch.randint(0, 10, (batch,))
+  x = torch.randn(a.batch, 3, image, image)
+  y = torch.randint(0, a.classes, (a.batch,))
 
   def step():
     opt.zero_grad(set_to_none=True)
@@ -103,12 +238,19 @@ def torch_rate(width, depth, heads, mlp, batch, steps, image, patch):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
 
-  for _ in range(3):
-    step()
-  t = time.perf_counter()
-  for _ in range(steps):
-    step()
-  return batch * steps / (time.perf_counter() - t), torch.__version__, torch.get_num_threads()
+  def run(n):
+    t = time.perf_counter()
+    for _ in range(n):
+      step()
+    return time.perf_counter() - t
+
+  run(3)
+  return run, torch.__version__, torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _time(fn, reps=30):
@@ -121,8 +263,10 @@ def _time(fn, reps=30):
 
 def breakdown(width, heads, mlp, batch, tokens):
   """Milliseconds of the train step's building blocks in jax (jit) and torch, same shapes."""
-  import jax.numpy as jnp
+  import jax
   import torch
+
+  from jaxlab.models import vit
 
   rng = np.random.default_rng(0)
   rows = batch * tokens
@@ -130,70 +274,155 @@ def breakdown(width, heads, mlp, batch, tokens):
   x, w = rng.random((rows, width), np.float32), rng.random((width, mlp), np.float32)
   h = rng.random((rows, mlp), np.float32)
   q = rng.random((batch, tokens, heads, dh), np.float32)
-
-  def jattn(q, k, v):
-    a = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh).astype(np.float32), axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", a, v)
-
+  dpa = jax.nn.dot_product_attention
   jfns = {
-      "matmul [B*T,D]x[D,M]": (jax.jit(lambda a, b: a @ b), (x, w)),
-      "attention fwd": (jax.jit(jattn), (q, q, q)),
-      "attention fwd+bwd": (jax.jit(jax.grad(lambda q, k, v: jattn(q, k, v).sum(), argnums=(0, 1, 2))), (q, q, q)),
-      "gelu (erf) [B*T,M]": (jax.jit(lambda a: jax.nn.gelu(a, approximate=False)), (h,)),
-      "layernorm [B*T,D]": (jax.jit(lambda a: (a - a.mean(-1, keepdims=True)) * jax.lax.rsqrt(
-          a.var(-1, keepdims=True) + 1e-6)), (x,)),
+    "matmul [B*T,D]x[D,M]": (jax.jit(lambda a, b: a @ b), (x, w)),
+    "attention fwd (dpa)": (jax.jit(dpa), (q, q, q)),
+    "attention fwd (einsum)": (jax.jit(vit.einsum_attention), (q, q, q)),
+    "attention fwd+bwd (dpa)": (jax.jit(jax.grad(lambda q, k, v: dpa(q, k, v).sum(), argnums=(0, 1, 2))), (q, q, q)),
+    "gelu (erf) [B*T,M]": (jax.jit(lambda a: jax.nn.gelu(a, approximate=False)), (h,)),
+    "gelu (erf) fwd+bwd": (jax.jit(jax.grad(lambda a: jax.nn.gelu(a, approximate=False).sum())), (h,)),
+    "layernorm [B*T,D]": (
+      jax.jit(lambda a: (a - a.mean(-1, keepdims=True)) * jax.lax.rsqrt(a.var(-1, keepdims=True) + 1e-6)),
+      (x,),
+    ),
   }
   tq = torch.from_numpy(q).permute(0, 2, 1, 3).contiguous().requires_grad_(True)
+  th = torch.from_numpy(h).requires_grad_(True)
+  sdpa = torch.nn.functional.scaled_dot_product_attention
 
   def tattn_bwd():
     tq.grad = None
-    torch.nn.functional.scaled_dot_product_attention(tq, tq, tq).sum().backward()
+    sdpa(tq, tq, tq).sum().backward()
+
+  def tgelu_bwd():
+    th.grad = None
+    torch.nn.functional.gelu(th).sum().backward()
 
   tfns = {
-      "matmul [B*T,D]x[D,M]": lambda: torch.from_numpy(x) @ torch.from_numpy(w),
-      "attention fwd": lambda: torch.nn.functional.scaled_dot_product_attention(tq.detach(), tq.detach(),
-                                                                                tq.detach()),
-      "attention fwd+bwd": tattn_bwd,
-      "gelu (erf) [B*T,M]": lambda: torch.nn.functional.gelu(torch.from_numpy(h)),
-      "layernorm [B*T,D]": lambda: torch.nn.functional.layer_norm(torch.from_numpy(x), (width,)),
+    "matmul [B*T,D]x[D,M]": lambda: torch.from_numpy(x) @ torch.from_numpy(w),
+    "attention fwd (dpa)": lambda: sdpa(tq.detach(), tq.detach(), tq.detach()),
+    "attention fwd (einsum)": lambda: sdpa(tq.detach(), tq.detach(), tq.detach()),
+    "attention fwd+bwd (dpa)": tattn_bwd,
+    "gelu (erf) [B*T,M]": lambda: torch.nn.functional.gelu(th.detach()),
+    "gelu (erf) fwd+bwd": tgelu_bwd,
+    "layernorm [B*T,D]": lambda: torch.nn.functional.layer_norm(torch.from_numpy(x), (width,)),
   }
-  print(f"{'building block':24s} {'jax ms':>8s} {'torch ms':>9s} {'jax/torch time':>15s}")
+  print(f"{'building block':26s} {'jax ms':>8s} {'torch ms':>9s} {'jax/torch time':>15s}")
   for name, (fn, args) in jfns.items():
-    dev = [jax.device_put(a) for a in args]
+    dev = [jax.device_put(v) for v in args]
     tj = _time(lambda fn=fn, dev=dev: jax.block_until_ready(fn(*dev)))
     with torch.no_grad() if "bwd" not in name else torch.enable_grad():
       tt = _time(tfns[name])
-    print(f"{name:24s} {tj * 1e3:8.2f} {tt * 1e3:9.2f} {tj / tt:14.2f}x")
+    print(f"{name:26s} {tj * 1e3:8.2f} {tt * 1e3:9.2f} {tj / tt:14.2f}x")
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--size", default="Ti", choices=sorted(SIZES))
-  ap.add_argument("--batch", type=int, default=32)
-  ap.add_argument("--steps", type=int, default=20)
-  ap.add_argument("--image", type=int, default=32)
-  ap.add_argument("--patch", type=int, default=4)
-  ap.add_argument("--peak_tflops", type=float, default=0.0, help="accelerator peak (for MFU)")
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _spread(xs):
+  return f"median {statistics.median(xs):8.1f}  [{min(xs):.1f}-{max(xs):.1f}]"
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--sizes", default="", help="comma-separated ViT sizes (Ti,S,B,digits); default by backend")
+  ap.add_argument("--size", default="", help="alias of --sizes for one size")
+  ap.add_argument("--batch", type=int, default=0, help="global batch (default 32 on CPU, 256 on accelerators)")
+  ap.add_argument("--steps", type=int, default=10, help="steps per timed round")
+  ap.add_argument("--repeats", type=int, default=5, help="timed rounds (jaxlab and PyTorch alternate); 0 = none")
+  ap.add_argument("--image", type=int, default=0, help="image side (default 32 on CPU, 224 on accelerators)")
+  ap.add_argument("--patch", type=int, default=0, help="patch side (default 4 on CPU, 16 on accelerators)")
+  ap.add_argument("--classes", type=int, default=0, help="classes (default 10 on CPU, 1000 on accelerators)")
+  ap.add_argument("--dtype", default=None, help="compute dtype: '' (float32) or bfloat16 (accelerator default)")
+  ap.add_argument("--remat", default="", help="model.remat policy of the blocks ('' = none)")
+  ap.add_argument("--scan_unroll", type=int, default=1, help="model.scan_unroll")
+  ap.add_argument("--attention_impl", default="", help="model.attention_impl: '' | xla | cudnn | einsum")
+  ap.add_argument(
+    "--host_devices",
+    type=int,
+    default=0,
+    help="CPU: split the batch over this many host devices (XLA_FLAGS host device count)",
+  )
+  ap.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (default: looked up)")
+  ap.add_argument("--jax_only", action="store_true", help="do not run PyTorch")
+  ap.add_argument("--memory", action="store_true", help="also print XLA's memory analysis with/without remat")
   ap.add_argument("--breakdown", action="store_true", help="also time the building blocks in both frameworks")
-  a = ap.parse_args()
-  width, depth, heads, mlp = SIZES[a.size]
-  shape = (width, depth, heads, mlp, a.batch, a.steps, a.image, a.patch)
-  jr, flops, n = jaxlab_rate(*shape)
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; ViT-{a.size} ({n:,} params), batch {a.batch}, "
-        f"{(a.image // a.patch) ** 2} tokens")
-  print(f"jaxlab  train step: {jr:9.1f} examples/s  ({flops / 1e9:.1f} GFLOP per step, analytic; "
-        f"{jr / a.batch * flops / 1e9:.1f} GFLOP/s)")
-  if a.peak_tflops:
-    print(f"jaxlab  MFU: {jr / a.batch * flops / (a.peak_tflops * 1e12):.1%}")
-  try:
-    tr, tv, threads = torch_rate(*shape)
-  except ImportError:
-    print("torch not installed: pip install -e '.[bench]'")
-    return
-  print(f"pytorch train step: {tr:9.1f} examples/s  (torch {tv}, {threads} threads)")
-  print(f"ratio jaxlab / pytorch: {jr / tr:.2f}x")
+  return ap.parse_args(argv)
+
+
+def main(argv=None):
+  a = parse_args(argv)
+  if a.host_devices > 1:  # must be set before jax initialises its backends
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={a.host_devices}"
+    ).strip()
+  import jax
+
+  accel = jax.default_backend() != "cpu"
+  a.sizes = [s for s in (a.sizes or a.size or ("S,B" if accel else "Ti")).split(",") if s]
+  a.batch = a.batch or (256 if accel else 32)
+  a.image, a.patch = a.image or (224 if accel else 32), a.patch or (16 if accel else 4)
+  a.classes = a.classes or (1000 if accel else 10)
+  a.dtype = ("bfloat16" if accel else "") if a.dtype is None else a.dtype
+  a.jax_only = a.jax_only or accel
+  for s in a.sizes:
+    if s not in SIZES:
+      sys.exit(f"error: --sizes: unknown ViT size {s!r}; choose from {', '.join(SIZES)}")
+  kind = jax.devices()[0].device_kind
+  peak = a.peak_tflops or peak_tflops(kind, a.dtype or "float32")
+  tokens = (a.image // a.patch) ** 2
+  print(
+    f"device: {kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}; batch {a.batch}, "
+    f"{tokens} tokens, compute {a.dtype or 'float32'}, remat {a.remat or 'none'}, scan_unroll {a.scan_unroll}, "
+    f"attention {a.attention_impl or 'auto'}; {a.repeats} rounds of {a.steps} steps",
+    flush=True,
+  )
+  for size in a.sizes:
+    width, depth, _, mlp = SIZES[size]
+    flops = model_flops(width, depth, mlp, a.batch, tokens, a.patch, classes=a.classes)
+    if a.repeats <= 0:  # --repeats 0: no timing (e.g. only --memory)
+      if a.memory:
+        memory_report(a, size)
+      continue
+    jrun, n_params = jaxlab_runner(a, size)
+    trun = None
+    if not a.jax_only:
+      try:
+        trun, tv, threads = torch_runner(a, size)
+        print(f"PyTorch {tv} eager, {threads} threads", flush=True)
+      except ImportError:
+        print("torch is not installed (pip install -e '.[bench]'): jaxlab only")
+    jr, tr = [], []
+    for r in range(a.repeats):
+      jr.append(a.batch * a.steps / jrun(a.steps))
+      line = f"  round {r + 1}: jaxlab {jr[-1]:8.1f} ex/s"
+      if trun is not None:
+        tr.append(a.batch * a.steps / trun(a.steps))
+        line += f"   pytorch {tr[-1]:8.1f} ex/s   ratio {jr[-1] / tr[-1]:.2f}x"
+      print(line, flush=True)
+    med = statistics.median(jr)
+    tflops = med / a.batch * flops / 1e12
+    print(f"ViT-{size} ({n_params:,} params, {flops / 1e9:.1f} GFLOP per step, analytic)")
+    print(
+      f"  jaxlab  examples/s: {_spread(jr)};  {tflops:.3f} TFLOP/s"
+      + (f";  MFU {tflops / peak:.1%} of {peak:.0f} TFLOP/s" if peak else "")
+    )
+    if tr:
+      ratios = [j / t for j, t in zip(jr, tr, strict=True)]
+      print(f"  pytorch examples/s: {_spread(tr)}")
+      print(
+        f"  ratio jaxlab / pytorch: median of rounds {statistics.median(ratios):.2f}x "
+        f"[{min(ratios):.2f}-{max(ratios):.2f}]; of medians {med / statistics.median(tr):.2f}x",
+        flush=True,
+      )
+    if a.memory:
+      memory_report(a, size)
   if a.breakdown:
-    breakdown(width, heads, mlp, a.batch, (a.image // a.patch) ** 2)
+    width, _, heads, mlp = SIZES[a.sizes[0]]
+    breakdown(width, heads, mlp, a.batch, tokens)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ def base() -> ml_collections.ConfigDict:
   c.eval_splits = ("validation",)
   c.final_eval_splits = ("test",)
   c.progress = True            # tqdm progress bar
+  c.profile_steps = 0          # trace this many train steps (from the 2nd of the run) with jax.profiler into
+  #                              <workdir>/profile (TensorBoard's profile plugin / XProf); 0 = off. docs/performance.md
   c.compilation_cache = "auto"  # train/pipeline jobs: persistent XLA cache ('auto', a directory, ''); compile_cache.py
 
   c.model = ml_collections.ConfigDict()
@@ -60,6 +62,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.cutmix = -1.0         # CutMix Beta alpha on the device (DeiT 1.0; 0 = off; -1 = preset, else off)
   c.data.mix_prob = -1.0       # probability a batch is mixed (-1 = 1.0)
   c.data.mix_switch_prob = -1.0  # with both: probability of CutMix rather than Mixup (-1 = 0.5)
+  c.data.repeated_aug = 1      # repeated augmentation: copies of each sampled image per batch (1 = off; DeiT 3)
   c.data.lra_dir = ""          # data.name='lra_listops' | 'lra_pathfinder': LRA release directory (data/lra.py)
   c.data.difficulty = ""       # lra_pathfinder: easy | intermediate | hard ('' = hard, as LRA)
 
@@ -106,4 +109,11 @@ def vit_digits_model() -> ml_collections.ConfigDict:
   """The default digits ViT: 2x2 patches of the 8x8 images, width 64, depth 4."""
   return ml_collections.ConfigDict(dict(
       name="vit", patch_size=2, width=64, depth=4, num_heads=4, mlp_dim=128, pool="gap",
-      final_norm="tokens", dropout=0.0, attn_dropout=0.0, drop_path=0.0, ln_eps=1e-6))
+      final_norm="tokens", dropout=0.0, attn_dropout=0.0, drop_path=0.0, ln_eps=1e-6,
+      # Performance keys (docs/performance.md); none changes the function the model computes beyond rounding:
+      dtype="",              # compute dtype: '' = float32, 'bfloat16' = mixed precision (float32 softmax/logits)
+      param_dtype="float32",  # parameter (master weight) dtype; the optimizer state follows it
+      remat="",              # blocks' rematerialisation policy: '' | nothing_saveable | dots_saveable | ...
+      scan_unroll=1,         # blocks per layer-scan iteration (1 = rolled loop, depth = fully unrolled)
+      attention_impl="",     # jax.nn.dot_product_attention implementation: '' (auto) | xla | cudnn | einsum
+  ))

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxlab import build, checkpoint, data, objectives, optim, sharding, trees
+from jaxlab import build, checkpoint, data, objectives, optim, profiling, sharding, trees
 
 
 class NonFiniteError(FloatingPointError):
@@ -63,12 +63,22 @@ def _apply(module, params, model_state, inputs, *, train, rng=None, features=Fal
   out = module.apply({"params": params, **model_state}, inputs, train=train, rngs=rngs,
                      mutable=mutable if mutable else False)
   if not mutable:
-    return out, model_state, None
+    return _float32(out), model_state, None
   logits, new_vars = out
+  logits = _float32(logits)
   new_vars = dict(new_vars)
   feats = new_vars.pop("intermediates", None)
   new_state = {k: new_vars[k] for k in model_state} if train else model_state
   return logits, new_state, feats
+
+
+def _float32(tree):
+  """Floating leaves below float32 (a bfloat16 model's outputs) as float32: losses and metrics are float32."""
+  def cast(x):
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+      return x.astype(jnp.float32)
+    return x
+  return jax.tree.map(cast, tree)
 
 
 def _summary_writer_class():
@@ -372,8 +382,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   t_log, n_log = time.time(), 0
   pending: list = []
   batches = data.TrainBatches(dataset, config.data, start=start, total=total, batch_size=bs, seed=seed, mesh=mesh)
+  tracer = profiling.StepTracer(workdir, int(config.get("profile_steps", 0) or 0), start, total)
   try:
     for step in range(start, total):
+      tracer.step(step, state)  # config.profile_steps: jax.profiler trace of a few steps
       state, metrics = train_step(state, next(batches), step_rng)  # batch of (seed, step), already on device
       pending.append(metrics)
       n_log += bs
@@ -406,11 +418,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if ckpt_every and done % ckpt_every == 0 and done != total:
         _save(mngr, state, config, dataset, done, {}, provenance)
   except KeyboardInterrupt:
+    tracer.close(state)
     batches.close()
     mngr.close()
     if pbar is not None:
       pbar.close()
     raise
+  tracer.close(state)
   batches.close()
   if pbar is not None:
     pbar.close()

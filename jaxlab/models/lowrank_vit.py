@@ -92,14 +92,15 @@ class LowRankDense(nn.Module):
   rank: int = 0
   use_bias: bool = True
   dtype: Any = None
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     d_in = x.shape[-1]
     r = rank_for(d_in, self.features, self.ratio, self.rank)
-    u = self.param("u", _factor_init(r), (d_in, r))
-    v = self.param("v", _factor_init(r), (r, self.features))
-    b = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+    u = self.param("u", _factor_init(r), (d_in, r), self.param_dtype)
+    v = self.param("v", _factor_init(r), (r, self.features), self.param_dtype)
+    b = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
     x, u, v, b = nn.dtypes.promote_dtype(x, u, v, b, dtype=self.dtype)
     y = jnp.dot(jnp.dot(x, u), v)
     return y + b if b is not None else y
@@ -117,10 +118,11 @@ class LowRankFactory:
     path = LAYER_PATHS.get(name, name)
     return trees.first_match(path, self.keep_dense) is None
 
-  def __call__(self, features: int, name: str, use_bias: bool = True, dtype=None) -> nn.Module:
+  def __call__(self, features: int, name: str, use_bias: bool = True, dtype=None,
+               param_dtype=jnp.float32) -> nn.Module:
     if not self.factorized(name):
-      return vit.dense(features, name, use_bias=use_bias, dtype=dtype)
-    return LowRankDense(features, self.ratio, self.rank, use_bias, dtype, name=name)
+      return vit.dense(features, name, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
+    return LowRankDense(features, self.ratio, self.rank, use_bias, dtype, param_dtype, name=name)
 
 
 def split_config(cfg) -> tuple[dict, LowRankFactory]:

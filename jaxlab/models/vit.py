@@ -53,30 +53,76 @@ SIZES = {
 
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
+# `model.remat` names -> jax.checkpoint policies (what the backward pass may keep from the forward pass of a
+# block; everything else is recomputed). '' / 'none' = no rematerialisation.
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # keep only block inputs: least memory
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,  # keep all (same as none; for tests)
+}
+ATTENTION_IMPLS = ("", "xla", "cudnn", "einsum")
 
-def dense(features: int, name: str, use_bias: bool = True, dtype=None) -> nn.Dense:
+
+def remat_policy(name: str | None):
+  """The jax.checkpoint policy named by `model.remat`, or None for no rematerialisation.
+
+  Raises:
+    ValueError: for an unknown name, listing the known ones.
+  """
+  if not name or name == "none":
+    return None
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat: unknown policy {name!r}; choose from none, {', '.join(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
+
+
+def dense(features: int, name: str, use_bias: bool = True, dtype=None, param_dtype=jnp.float32) -> nn.Dense:
   return nn.Dense(features, name=name, use_bias=use_bias, kernel_init=trunc_normal,
-                  bias_init=nn.initializers.zeros, dtype=dtype)
+                  bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=param_dtype)
+
+
+def einsum_attention(q, k, v, dropout_fn=None):
+  """Softmax attention as two einsums over [B, T, heads, head_dim] q/k/v; softmax in float32.
+
+  The reference for `jax.nn.dot_product_attention` (same layout, same float32 softmax), and the path used
+  when attention dropout is active (dropout acts on the attention weights, which the fused call hides).
+  """
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(np.float32)
+  attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  if dropout_fn is not None:
+    attn = dropout_fn(attn)
+  return jnp.einsum("bhqk,bkhd->bqhd", attn, v)
 
 
 class Attention(nn.Module):
+  """Multi-head self-attention through `jax.nn.dot_product_attention` (the fused cuDNN kernel where jax has one).
+
+  `impl`: '' (jax chooses), 'xla', 'cudnn', or 'einsum' (`einsum_attention`, also used whenever attention
+  dropout is active in training). Softmax is always float32.
+  """
   num_heads: int
   dense_factory: Callable[..., nn.Module] = dense
   dropout: float = 0.0
   dtype: Any = None
+  param_dtype: Any = jnp.float32
+  impl: str = ""
 
   @nn.compact
   def __call__(self, x, train: bool):
     b, t, d = x.shape
     h = self.num_heads
-    qkv = self.dense_factory(3 * d, name="qkv", dtype=self.dtype)(x)
+    qkv = self.dense_factory(3 * d, name="qkv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
     qkv = qkv.reshape(b, t, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // h).astype(np.float32)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    attn = nn.Dropout(self.dropout)(attn, deterministic=not train)
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, d)
-    return self.dense_factory(d, name="proj", dtype=self.dtype)(out)
+    if self.impl not in ATTENTION_IMPLS:
+      raise ValueError(f"config.model.attention_impl: unknown {self.impl!r}; choose from {ATTENTION_IMPLS}")
+    if self.impl == "einsum" or (train and self.dropout > 0):
+      drop = nn.Dropout(self.dropout)
+      out = einsum_attention(q, k, v, lambda a: drop(a, deterministic=not train))
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl or None)
+    return self.dense_factory(d, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(out.reshape(b, t, d))
 
 
 class Mlp(nn.Module):
@@ -84,24 +130,26 @@ class Mlp(nn.Module):
   dense_factory: Callable[..., nn.Module] = dense
   dropout: float = 0.0
   dtype: Any = None
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     d = x.shape[-1]
-    x = self.dense_factory(self.hidden, name="fc1", dtype=self.dtype)(x)
+    x = self.dense_factory(self.hidden, name="fc1", dtype=self.dtype, param_dtype=self.param_dtype)(x)
     x = nn.gelu(x, approximate=False)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    x = self.dense_factory(d, name="fc2", dtype=self.dtype)(x)
+    x = self.dense_factory(d, name="fc2", dtype=self.dtype, param_dtype=self.param_dtype)(x)
     return nn.Dropout(self.dropout)(x, deterministic=not train)
 
 
 class LayerScale(nn.Module):
   """LayerScale (timm `ls1`/`ls2`, param `scale` [D]): a learned per-channel gain on a residual branch."""
   init_value: float
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, y):
-    scale = self.param("scale", nn.initializers.constant(self.init_value), (y.shape[-1],))
+    scale = self.param("scale", nn.initializers.constant(self.init_value), (y.shape[-1],), self.param_dtype)
     return y * scale.astype(y.dtype)
 
 
@@ -115,9 +163,11 @@ class Block(nn.Module):
   dense_factory: Callable[..., nn.Module] = dense
   dtype: Any = None
   layer_scale: float = 0.0
+  param_dtype: Any = jnp.float32
+  attention_impl: str = ""
 
   def _scale(self, y, name: str):
-    return LayerScale(self.layer_scale, name=name)(y) if self.layer_scale else y
+    return LayerScale(self.layer_scale, self.param_dtype, name=name)(y) if self.layer_scale else y
 
   def _drop_path(self, y, rate, train):
     if not train:
@@ -129,11 +179,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, drop_path, train: bool):
-    y = nn.LayerNorm(epsilon=self.ln_eps, name="norm1", dtype=self.dtype)(x)
-    y = Attention(self.num_heads, self.dense_factory, self.attn_dropout, self.dtype, name="attn")(y, train)
+    y = nn.LayerNorm(epsilon=self.ln_eps, name="norm1", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    y = Attention(self.num_heads, self.dense_factory, self.attn_dropout, self.dtype, self.param_dtype,
+                  self.attention_impl, name="attn")(y, train)
     x = x + self._drop_path(self._scale(y, "ls1"), drop_path, train)
-    y = nn.LayerNorm(epsilon=self.ln_eps, name="norm2", dtype=self.dtype)(x)
-    y = Mlp(self.mlp_dim, self.dense_factory, self.dropout, self.dtype, name="mlp")(y, train)
+    y = nn.LayerNorm(epsilon=self.ln_eps, name="norm2", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    y = Mlp(self.mlp_dim, self.dense_factory, self.dropout, self.dtype, self.param_dtype, name="mlp")(y, train)
     x = x + self._drop_path(self._scale(y, "ls2"), drop_path, train)
     self.sow("intermediates", "features", x)
     return x, None
@@ -153,6 +204,12 @@ class ViT(nn.Module):
     distilled: DeiT distillation token and `head_dist` (output: mean of the two heads).
     layer_scale: LayerScale init value; 0 means no LayerScale parameters.
     no_embed_class: position embeddings for the patches only (prefix tokens get none).
+    dtype: compute dtype (bfloat16 for mixed precision; None = float32). Softmax, LayerNorm statistics and
+      the returned logits are float32 whatever it is.
+    param_dtype: parameter dtype (float32 master weights by default; the optimizer state follows it).
+    remat: rematerialisation policy of the scanned blocks ('' / 'none', or a name in `REMAT_POLICIES`).
+    scan_unroll: blocks per iteration of the layer scan (1 = a rolled loop; `depth` = fully unrolled).
+    attention_impl: '' (jax chooses: cuDNN's fused kernel where it applies), 'xla', 'cudnn' or 'einsum'.
   """
   num_classes: int
   patch_size: int = 2
@@ -172,6 +229,10 @@ class ViT(nn.Module):
   distilled: bool = False
   layer_scale: float = 0.0
   no_embed_class: bool = False
+  param_dtype: Any = jnp.float32
+  remat: str = ""
+  scan_unroll: int = 1
+  attention_impl: str = ""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -179,10 +240,11 @@ class ViT(nn.Module):
       x = x[..., None]
     if x.ndim == 3:
       embed = nn.Conv(self.width, (self.patch_size,), strides=(self.patch_size,), padding="VALID",
-                      name="patch_embed", kernel_init=trunc_normal, dtype=self.dtype)
+                      name="patch_embed", kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype)
     else:
       embed = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                      padding="VALID", name="patch_embed", kernel_init=trunc_normal, dtype=self.dtype)
+                      padding="VALID", name="patch_embed", kernel_init=trunc_normal, dtype=self.dtype,
+                      param_dtype=self.param_dtype)
     x = embed(x.astype(self.dtype or jnp.float32))
     b = x.shape[0]
     x = x.reshape(b, -1, self.width)
@@ -195,30 +257,41 @@ class ViT(nn.Module):
       raise ValueError("model.distilled needs model.pool='cls' and model.final_norm='tokens' (as DeiT)")
     prefix = []
     if has_cls:
-      prefix.append(self.param("cls_token", nn.initializers.zeros, (1, 1, self.width)))
+      prefix.append(self.param("cls_token", nn.initializers.zeros, (1, 1, self.width), self.param_dtype))
     if self.distilled:
-      prefix.append(self.param("dist_token", trunc_normal, (1, 1, self.width)))
+      prefix.append(self.param("dist_token", trunc_normal, (1, 1, self.width), self.param_dtype))
     prefix = [jnp.broadcast_to(t, (b, 1, self.width)).astype(x.dtype) for t in prefix]
     if self.no_embed_class:
-      x = x + self.param("pos_embed", trunc_normal, (1, x.shape[1], self.width))
+      x = x + self.param("pos_embed", trunc_normal, (1, x.shape[1], self.width), self.param_dtype)
       x = jnp.concatenate([*prefix, x], axis=1)
     else:
       x = jnp.concatenate([*prefix, x], axis=1)
-      x = x + self.param("pos_embed", trunc_normal, (1, x.shape[1], self.width))
+      x = x + self.param("pos_embed", trunc_normal, (1, x.shape[1], self.width), self.param_dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
     rates = jnp.linspace(0.0, self.drop_path, self.depth) if self.depth > 1 else jnp.zeros((1,))
+    # The residual stream (the scan carry) stays in param_dtype (float32) under bfloat16 compute: `+ pos_embed`
+    # promotes it, and each block adds its bfloat16 branch outputs to it. A bfloat16 stream cost 8 points of
+    # digits accuracy at 200 steps; a float32 one 1 point (docs/performance.md).
+    policy = remat_policy(self.remat)
+    # `train` (argument 3, counting the module) stays a Python bool under remat. Inside a scan, CSE cannot undo
+    # the rematerialisation, so prevent_cse=False (as jax/flax recommend there) leaves XLA free to fuse.
+    block_cls = Block if policy is None else nn.remat(Block, policy=policy, prevent_cse=False, static_argnums=(3,))
+    if not 1 <= int(self.scan_unroll) <= max(self.depth, 1):
+      raise ValueError(f"config.model.scan_unroll={self.scan_unroll}: must be in [1, depth={self.depth}]")
     blocks = nn.scan(
-        Block,
+        block_cls,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast),
         length=self.depth,
+        unroll=int(self.scan_unroll),
     )(self.num_heads, self.mlp_dim, self.dropout, self.attn_dropout, self.ln_eps,
-      self.dense_factory, self.dtype, layer_scale=self.layer_scale, name="blocks")
+      self.dense_factory, self.dtype, layer_scale=self.layer_scale, param_dtype=self.param_dtype,
+      attention_impl=self.attention_impl, name="blocks")
     x, _ = blocks(x, rates, train)
 
-    norm = nn.LayerNorm(epsilon=self.ln_eps, name="norm", dtype=self.dtype)
+    norm = nn.LayerNorm(epsilon=self.ln_eps, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)
     n_prefix = len(prefix)
     if self.final_norm == "tokens":
       x = norm(x)
@@ -227,7 +300,8 @@ class ViT(nn.Module):
     if self.distilled:  # DeiT: class and distillation tokens each get a head; the output is their mean
       if self.num_classes <= 0:
         return (x[:, 0] + x[:, 1]) / 2
-      heads = [nn.Dense(self.num_classes, name=n, kernel_init=trunc_normal, dtype=self.dtype)(x[:, i])
+      heads = [nn.Dense(self.num_classes, name=n, kernel_init=trunc_normal, dtype=self.dtype,
+                        param_dtype=self.param_dtype)(x[:, i])
                for i, n in enumerate(("head", "head_dist"))]
       return ((heads[0] + heads[1]) / 2).astype(jnp.float32)
     x = x[:, 0] if self.pool == "cls" else x[:, n_prefix:].mean(axis=1)  # timm's avg pool skips prefix tokens
@@ -236,7 +310,7 @@ class ViT(nn.Module):
     if self.num_classes <= 0:
       return x
     return nn.Dense(self.num_classes, name="head", kernel_init=trunc_normal,
-                    dtype=self.dtype)(x).astype(jnp.float32)
+                    dtype=self.dtype, param_dtype=self.param_dtype)(x).astype(jnp.float32)
 
 
 @registry.register("vit")
@@ -254,4 +328,19 @@ def build_vit(cfg, num_classes: int) -> ViT:
         kw[key] = val
   kw = {k: v for k, v in kw.items() if v is not None}
   dtype = kw.pop("dtype", None)
-  return ViT(num_classes=num_classes, dtype=jnp.dtype(dtype) if dtype else None, **kw)
+  param_dtype = kw.pop("param_dtype", None)
+  return ViT(num_classes=num_classes, dtype=_dtype(dtype, "dtype"),
+             param_dtype=_dtype(param_dtype, "param_dtype") or jnp.float32, **kw)
+
+
+def _dtype(name, key: str):
+  """`jnp.dtype` of a `model.<key>` string ('' / None = unset), with a one-line error naming the key."""
+  if not name:
+    return None
+  try:
+    dt = jnp.dtype(name)
+  except TypeError as e:
+    raise ValueError(f"config.model.{key}: unknown dtype {name!r}; use float32, bfloat16 or float16") from e
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"config.model.{key}: {name!r} is not a floating dtype; use float32, bfloat16 or float16")
+  return dt
