@@ -379,3 +379,21 @@ def test_device_mixing_is_the_same_on_one_and_eight_devices():
   assert r.returncode == 0, r.stderr[-3000:]
   mixed = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))[6:])["mixed"]
   assert mixed > 0  # the batch really was mixed
+
+
+def test_repeated_augmentation_copies_and_epoch_length():
+  plain = data.get_dataset({"name": "digits"})
+  ds = data.get_dataset({"name": "digits", "repeated_aug": 3})
+  per_epoch = 1077 // 12
+  seen = []
+  for s in range(per_epoch):
+    idx = ds.train_indices(s, 12, seed=4)
+    blocks = idx.reshape(3, 4)  # copy j of each image sits in block j: every process's slice is distinct
+    assert (blocks == blocks[0]).all() and len(set(blocks[0])) == 4
+    seen.append(blocks[0])
+  seen = np.concatenate(seen)
+  assert len(np.unique(seen)) == len(seen) == per_epoch * 4  # n / 3 distinct images an epoch, no repeats
+  first = np.asarray(plain.train_indices(0, 1077, 4))  # the same epoch order as without repeats
+  np.testing.assert_array_equal(seen, first[: len(seen)])
+  with pytest.raises(ValueError, match="config.data.repeated_aug=-1"):
+    data.get_dataset({"name": "digits", "repeated_aug": -1})

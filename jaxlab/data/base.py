@@ -79,6 +79,8 @@ class Dataset:
     eval_transform: optional deterministic `fn(example) -> example` for eval examples (resize, center crop).
     normalize: `(mean, std)` per channel for uint8 `inputs`, applied on the device (`device_preprocess`):
       images stay uint8 through the host pipeline and the host-to-device copy.
+    repeated_aug: repeated augmentation (Hoffer et al. 2020; DeiT): each sampled image appears this many
+      times per epoch, differently augmented (1 = off; `data.repeated_aug`).
   """
   name: str
   num_classes: int
@@ -90,6 +92,7 @@ class Dataset:
   train_transform: Callable[[dict, np.random.Generator], dict] | None = None
   eval_transform: Callable[[dict], dict] | None = None
   normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+  repeated_aug: int = 1
 
   def split(self, name: str):
     if name not in self.splits:
@@ -125,8 +128,17 @@ class Dataset:
       raise ValueError(f"data.batch_size={batch_size} exceeds the {n} training examples of {self.name!r}")
     per_epoch = n // batch_size
     epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[k * batch_size:(k + 1) * batch_size]
+    perm = _epoch_permutation(seed, epoch, n)
+    r = self.repeated_aug
+    if r <= 1:
+      return perm[k * batch_size:(k + 1) * batch_size]
+    # Repeated augmentation: each image r times in a row (each copy augmented differently), n examples per
+    # epoch. Within a batch, copy j goes to the j-th block (timm's RASampler hands copies to different
+    # replicas), so each process's slice holds distinct images where the sizes allow.
+    batch = perm[np.arange(k * batch_size, (k + 1) * batch_size) // r]
+    if batch_size % r == 0:
+      batch = batch.reshape(-1, r).T.reshape(-1)
+    return batch
 
   def train_batch(self, step: int, batch_size: int, seed: int, *, process_index: int = 0,
                   process_count: int = 1, split: str = "train") -> dict[str, np.ndarray]:
@@ -166,6 +178,14 @@ class Dataset:
       yield batch
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The example order of one epoch (cached: a permutation of a million indices costs ~20 ms; read-only)."""
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  perm.flags.writeable = False
+  return perm
+
+
 @functools.cache
 def _normalize_fn():
   import jax
@@ -197,6 +217,9 @@ def get_dataset(data_cfg, checkpoint_meta: dict | None = None) -> Dataset:
       raise ValueError(f"config.data.train_split: data set {name!r} has no split {train_split!r}; "
                        f"splits: {sorted(dataset.splits)}")
     dataset.splits = {**dataset.splits, "train": dataset.splits[train_split]}
+  dataset.repeated_aug = int(data_cfg.get("repeated_aug", 1) or 1)
+  if dataset.repeated_aug < 1:
+    raise ValueError(f"config.data.repeated_aug={dataset.repeated_aug}: use 1 (off) or the number of copies")
   return dataset
 
 
