@@ -6,7 +6,7 @@
 
 Each measurement runs in a fresh process (so peak RSS is its own), the variants are interleaved and repeated
 (`--repeats`), and the table gives the median and the spread (min-max) of the wall seconds, GB/s of the file
-size, and peak RSS (and the peak minus the RSS after imports, i.e. what the work itself added). Variants:
+size, and peak RSS (and the peak minus the current RSS after imports, i.e. what the work itself added). Variants:
 
   jaxlab read+convert   `jobs.import_file` (safetensors -> stacked jaxlab tree in numpy, no hash)
   jaxlab import job     the same plus the sha256 of the file and the Orbax checkpoint write
@@ -82,13 +82,16 @@ import json, os, resource, sys, time
 variant, src, work = sys.argv[1], sys.argv[2], sys.argv[3]
 def rss_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def current_rss_mb():
+  with open("/proc/self/status") as f:
+    return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
 if variant.startswith("torch"):
   import torch, safetensors.torch
 else:
   import jax
   from jaxlab import checkpoint
   from jaxlab.interop import jobs
-base = rss_mb()
+base = current_rss_mb()
 t = time.perf_counter()
 if variant == "jaxlab_read_convert":
   imp = jobs.import_file(src, num_heads=12, compute_sha256=False)

