@@ -418,3 +418,86 @@ def test_sharded_merges_equal_one_device(world, tmp_path):
     sharded = checkpoint.load(str(tmp_path / name)).theta
     diffs = trees.max_abs_diff(sharded, single)
     assert max(diffs.values()) <= 1e-6, (name, diffs)
+
+
+# ---------------------------------------------------------------------------- the experiment
+
+
+def _rows(accs: dict[str, list[float]], tasks=("a", "b"), seeds=(0, 1)) -> list[dict]:
+  """Synthetic result rows: `accs[name]` = per-task test accuracy (the same for every seed, plus a seed offset)."""
+  return [
+    {"name": n, "seed": s, "accs": {t: {"test": v + 0.01 * s, "heldout": v} for t, v in zip(tasks, vals)}}
+    for n, vals in accs.items()
+    for s in seeds
+  ]
+
+
+def test_experiment_preconditions_claims_and_stats():
+  from jaxlab.pipelines import merging as exp
+
+  mc = ml_collections.ConfigDict(dict(min_gain=0.1, min_interference=0.2))
+  accs = {
+    "pretrained": [0.1, 0.1],
+    "ft_a": [0.9, 0.2],
+    "ft_b": [0.1, 0.8],
+    "task_arithmetic": [0.5, 0.5],
+    "ties": [0.6, 0.5],
+    "dare_ties": [0.4, 0.5],
+    "breadcrumbs": [0.5, 0.5],
+  }
+  rows = _rows(accs)
+  pre = exp.preconditions(rows, ("a", "b"), (0, 1), mc)
+  assert [p["holds"] for p in pre] == [True, True, True]
+  assert pre[0]["value"] == pytest.approx(0.8) and pre[2]["value"] == pytest.approx((0.7 + 0.7) / 2)
+  verdicts = {c["claim"].split(" ")[0]: c["verdict"] for c in exp.claims(rows, pre, ("a", "b"), (0, 1))}
+  assert verdicts == {"TIES": "holds", "DARE": "does not hold", "Model": "does not hold"}  # breadcrumbs: a tie
+  agg = exp.aggregate(rows, ("a", "b"), (0, 1))
+  assert agg["ties"]["avg_test"]["mean"] == pytest.approx(0.555)
+  assert agg["ties"]["avg_test"]["std"] == pytest.approx(np.std([0.55, 0.56], ddof=1))
+  assert agg["upper_bound"]["test"]["b"]["mean"] == pytest.approx(0.805)
+  weak = _rows({**accs, "ft_b": [0.1, 0.15]})
+  pre = exp.preconditions(weak, ("a", "b"), (0, 1), mc)
+  assert not pre[1]["holds"]
+  assert {c["verdict"] for c in exp.claims(weak, pre, ("a", "b"), (0, 1))} == {"not tested"}
+
+
+def test_merging_pipeline_smoke(tmp_path):
+  import importlib.util
+
+  from jaxlab import main
+
+  spec = importlib.util.spec_from_file_location("merging_cfg", os.path.join(REPO, "ml_collections_configs/merging.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config("smoke")
+  wd = tmp_path / "merging"
+  main.run(cfg, str(wd))
+  res = json.load(open(wd / "results.json"))
+  assert {p["name"].split(" ")[0] for p in res["preconditions"]} >= {"ft_invert", "ft_rot90", "tasks"}
+  assert all(c["verdict"] in ("holds", "does not hold", "not tested") for c in res["claims"])
+  names = {r["name"] for r in res["rows"]}
+  assert names == {
+    "pretrained",
+    "ft_invert",
+    "ft_rot90",
+    "uniform_soup",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "breadcrumbs",
+    "model_stock",
+  }
+  for r in res["rows"]:
+    assert set(r["accs"]) == {"identity", "invert", "rot90"}
+    if r.get("scale_search"):
+      best = max(r["scale_search"], key=lambda x: x["heldout_mean"])
+      assert float(r["args"]["scale"]) == best["scale"] and best["scale"] in (0.5, 1.0)
+  # the written merge is the transform of the fine-tunes with the chosen scale, base from their init_from
+  ta = next(r for r in res["rows"] if r["name"] == "task_arithmetic")
+  seed_dir = wd / "seed_0"
+  ref = transforms.apply("task_arithmetic", [str(seed_dir / "ft_invert"), str(seed_dir / "ft_rot90")], ta["args"])
+  assert trees.allclose(checkpoint.load(str(seed_dir / "task_arithmetic")).theta, ref.theta, atol=0)
+  assert checkpoint.load_meta(str(seed_dir / "task_arithmetic"))["provenance"]["report"]["base"] == str(
+    seed_dir / "pretrain"
+  )
+  assert os.path.exists(wd / "results.md") and os.path.exists(wd / "merging.png")

@@ -234,11 +234,19 @@ def _f32(x):
   return x.astype(jnp.float32)
 
 
-def magnitude_mask(a, kth):
-  """Keep |entries| >= the `kth`-smallest magnitude of their row (1-indexed); kth 0 keeps all (TIES reference)."""
+def magnitude_threshold(a, kth):
+  """The `kth`-smallest magnitude of each row of `a` (1-indexed; TIES reference `kthvalue`), shape [rows]."""
   srt = jnp.sort(a, axis=-1)
-  thr = jnp.take_along_axis(srt, jnp.maximum(kth - 1, 0)[:, None], axis=-1)
-  return (a >= thr) | (kth[:, None] <= 0)
+  return jnp.take_along_axis(srt, jnp.maximum(kth - 1, 0)[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("stacked",))
+def _thresholds(x, base, kth, *, stacked):
+  """Per leaf, the TIES trim threshold of |x - base| per tensor (computed once per input, reused in pass 2)."""
+  return [
+    magnitude_threshold(jnp.abs(_rows(_f32(xi), s) - _rows(_f32(b), s)), k)
+    for xi, b, k, s in zip(x, base, kth, stacked, strict=True)
+  ]
 
 
 def outlier_mask(a, n_bot, n_top):
@@ -252,8 +260,9 @@ def outlier_mask(a, n_bot, n_top):
 def _sparsify(d, method: str, arg):
   if method == "none":
     return d
-  if method == "magnitude":
-    return jnp.where(magnitude_mask(jnp.abs(d), arg), d, 0.0)
+  if method == "magnitude":  # arg: (threshold per row, keep-all per row)
+    thr, keep_all = arg
+    return jnp.where((jnp.abs(d) >= thr[:, None]) | keep_all[:, None], d, 0.0)
   if method == "outliers":
     n_bot, n_top, keep_all = arg
     return jnp.where(outlier_mask(jnp.abs(d), n_bot, n_top) | keep_all[:, None], d, 0.0)
@@ -436,8 +445,9 @@ class _Stream:
   running mean of the inputs' model_state (averaged in the first pass).
   """
 
-  def __init__(self, inputs, base: str, layer_leaves: Sequence[str]):
+  def __init__(self, inputs, base: str | None, layer_leaves: Sequence[str], base_theta=None):
     self.inputs, self.base_arg, self.layer_leaves = inputs, base, tuple(layer_leaves)
+    self.base_theta = base_theta
     self.n = len(inputs)
     if self.n == 0:
       raise ValueError("merge: no input checkpoints given")
@@ -456,7 +466,10 @@ class _Stream:
         self.ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), theta)
         self.theta0 = theta
         self.layout = Layout.of(theta, self.layer_leaves)
-        if self.base_arg is not None:
+        if self.base_theta is not None:
+          _check_same(self.ref, self.base_theta, self.paths[0], "the base")
+          self.base = self.base_theta
+        elif self.base_arg is not None:
           self.base, self.base_path = load_base(self.inputs, self.base_arg, theta)
       else:
         _check_same(self.ref, theta, self.paths[0], self.paths[i])
@@ -536,6 +549,7 @@ def generalized_task_arithmetic(
   consensus: bool = False,
   normalize: bool = False,
   layer_leaves: Sequence[str] = DEFAULT_LAYER_LEAVES,
+  base_theta=None,
 ) -> Output:
   """theta = base + lambda * mix_i(w_i * sparsify(theta_i - base)), streamed over the inputs.
 
@@ -556,8 +570,9 @@ def generalized_task_arithmetic(
     consensus: TIES sign election and disjoint merge.
     normalize: divide by the (agreeing) weights' sum.
     layer_leaves: regexes of leaves stacked on the depth axis.
+    base_theta: the base's theta tree itself (Python use, e.g. benchmarks over foreign files); overrides `base`.
   """
-  st = _Stream(inputs, base or "", layer_leaves)
+  st = _Stream(inputs, base or "", layer_leaves, base_theta)
   w_specs = weights_spec(weights, st.n)
   acc = sign = num = den = None
   lay = w = lam_v = dens = gam = None
@@ -570,17 +585,27 @@ def generalized_task_arithmetic(
     dens = _check_range(lay, coefficient(density, "density", 1.0), 0.0, 1.0, lo_open=True)
     gam = _check_range(lay, coefficient(gamma, "gamma", 0.01), 0.0, 1.0) if method == "outliers" else None
 
+  thresholds = {}  # TIES: per input, per leaf, the trim threshold of each tensor (a few floats), sorted once
+
+  def sparse_args(i, x):
+    sa = _sparse_args(lay, method, dens, gam, seed, i)
+    if method != "magnitude":
+      return sa
+    if i not in thresholds:
+      thresholds[i] = _thresholds(x, base_leaves, sa, stacked=lay.stacked)
+    return [(t, k <= 0) for t, k in zip(thresholds[i], sa, strict=True)]
+
   for i, x in st:
     if lay is None:
       setup()
       base_leaves = st.base_leaves()
-    sa = _sparse_args(lay, method, dens, gam, seed, i)
-    acc = _linear_step(acc or [None] * len(x), x, base_leaves, w[i], sa, stacked=lay.stacked, method=method)
+    acc = _linear_step(
+      acc or [None] * len(x), x, base_leaves, w[i], sparse_args(i, x), stacked=lay.stacked, method=method
+    )
   if consensus:
     sign = elect_sign(acc)
     del acc
     for i, x in st:
-      sa = _sparse_args(lay, method, dens, gam, seed, i)
       num, den = _agree_step(
         num or [None] * len(x),
         den or [None] * len(x),
@@ -588,7 +613,7 @@ def generalized_task_arithmetic(
         base_leaves,
         w[i],
         sign,
-        sa,
+        sparse_args(i, x),
         stacked=lay.stacked,
         method=method,
       )
