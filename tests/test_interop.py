@@ -341,3 +341,49 @@ def test_fine_tuning_starts_from_an_imported_model_with_its_preprocessing(tmp_pa
   assert tuned.meta["data"]["input_shape"] == [16, 16, 3]  # the imported model's size, from its meta
   for (na, a), (nb, b) in zip(trees.flatten(loaded.theta).items(), trees.flatten(tuned.theta).items()):
     assert na == nb and np.array_equal(np.asarray(a), np.asarray(b)), na
+
+
+def test_tleg_learngene_exports_the_network_it_materializes_and_the_gene_as_jaxlab(tmp_path):
+  """A TLEG checkpoint: `format=timm` writes the depth-L ViT that A + (l/L) B gives; `format=jaxlab` the gene."""
+  imp = _import("vit_token.safetensors")
+  meta = dict(imp.meta, parameterization={"name": "linear_learngene"})
+  param = build.parameterization(meta["parameterization"], meta["model"])
+  theta = jax.device_get(param.init(jax.random.key(0), imp.theta))
+  checkpoint.save_weights(str(tmp_path / "tleg"), 0, theta, meta, imp.model_state)
+  tleg = checkpoint.load(str(tmp_path / "tleg"))
+  assert "learngene" in tleg.theta
+  tensors, metadata = jobs.export_tensors(tleg, "timm")
+  jobs.write_safetensors(tensors, str(tmp_path / "tleg.safetensors"), metadata)
+  back = jobs.import_file(str(tmp_path / "tleg.safetensors"), num_heads=2)
+  want = np.asarray(tleg.apply(np.transpose(REF["x16"], (0, 2, 3, 1))))
+  assert np.abs(_logits(back, REF["x16"]) - want).max() <= 1e-5
+  gene, gmeta = jobs.export_tensors(tleg, "jaxlab")
+  assert "theta/learngene/A/attn/qkv/kernel" in gene and gene["theta/learngene/A/attn/qkv/kernel"].shape == (24, 72)
+  assert json.loads(gmeta["jaxlab_meta"])["parameterization"]["name"] == "linear_learngene"
+
+
+def test_bfloat16_safetensors_import_as_float32(tmp_path):
+  """bf16 files (numpy has no bfloat16; read through ml_dtypes) become float32 params, values exact."""
+  import struct
+
+  import ml_dtypes
+
+  src = load_file(os.path.join(FIX, "vit_token.safetensors"))
+  tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in src.items()}
+  header, blobs, offset = {}, [], 0
+  for k, v in tensors.items():  # the safetensors layout: u64 header size, JSON header, raw little-endian data
+    blob = v.tobytes()
+    header[k] = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [offset, offset + len(blob)]}
+    blobs.append(blob)
+    offset += len(blob)
+  head = json.dumps(header).encode()
+  head += b" " * (-len(head) % 8)
+  path = tmp_path / "bf16.safetensors"
+  path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+  imp = jobs.import_file(str(path), num_heads=2)
+  assert imp.meta["provenance"]["import"]["source_dtypes"] == ["bfloat16"]
+  kernel = imp.theta["blocks"]["attn"]["qkv"]["kernel"]
+  assert kernel.dtype == np.float32
+  want = np.stack([tensors[f"blocks.{i}.attn.qkv.weight"].astype(np.float32).T for i in range(2)])
+  assert np.array_equal(kernel, want)
+  assert np.abs(_logits(imp, REF["x16"]) - REF["logits_vit_token"]).max() < 0.1  # bf16 rounding of the weights

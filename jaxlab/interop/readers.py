@@ -24,6 +24,7 @@ Files are only read, never written.
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
 import pickle
@@ -125,11 +126,27 @@ class SafetensorsSource(TensorSource):
     return tuple(self._f.get_slice(key).get_shape())
 
   def dtype(self, key):
-    return np.dtype(_SAFETENSORS_DTYPES.get(self._f.get_slice(key).get_dtype(), "V"))
+    name = self._f.get_slice(key).get_dtype()
+    if name == "BF16":
+      import ml_dtypes
+
+      return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(_SAFETENSORS_DTYPES.get(name, "V"))
 
   def get(self, key):
+    if self._f.get_slice(key).get_dtype() == "BF16":  # numpy has no bfloat16: read the bytes (ml_dtypes)
+      return self._get_raw(key)
     t = self._f.get_tensor(key)  # already a fresh array; copy only if it is a read-only view
     return t if t.flags.writeable and t.flags.owndata else np.array(t)
+
+  def _get_raw(self, key):
+    """A tensor read from the file's own layout: u64 header size, JSON header, then the data offsets."""
+    with open(self.path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      start, end = json.loads(f.read(n))[key]["data_offsets"]
+      f.seek(8 + n + start)
+      data = f.read(end - start)
+    return np.frombuffer(data, dtype=self.dtype(key)).reshape(self.shape(key)).copy()
 
 
 _SAFETENSORS_DTYPES = {
