@@ -79,6 +79,7 @@ class Dataset:
     eval_transform: optional deterministic `fn(example) -> example` for eval examples (resize, center crop).
     normalize: `(mean, std)` per channel for uint8 `inputs`, applied on the device (`device_preprocess`):
       images stay uint8 through the host pipeline and the host-to-device copy.
+    eval_threads: grain read threads preparing eval batches of sets with an `eval_transform`.
     repeated_aug: repeated augmentation (Hoffer et al. 2020; DeiT): each sampled image appears this many
       times per epoch, differently augmented (1 = off; `data.repeated_aug`).
   """
@@ -93,6 +94,7 @@ class Dataset:
   eval_transform: Callable[[dict], dict] | None = None
   normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
   repeated_aug: int = 1
+  eval_threads: int = 4
 
   def split(self, name: str):
     if name not in self.splits:
@@ -164,18 +166,30 @@ class Dataset:
 
   def eval_batches(self, split: str, batch_size: int, *, process_index: int = 0,
                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Every example of `split` once, in order, the last batch padded with `mask` = 0."""
+    """Every example of `split` once, in order, the last batch padded with `mask` = 0.
+
+    Sets with a per-example `eval_transform` (decode, resize, crop) read their batches on `eval_threads`
+    grain read threads (Pillow releases the GIL while it decodes and resamples); the order is kept.
+    """
     source = self.split(split)
     n = len(source)
-    for start in range(0, n, batch_size):
+    local = batch_size // process_count
+    sl = slice(process_index * local, (process_index + 1) * local)
+
+    def batch_at(start):
       idx = np.arange(start, start + batch_size)
       mask = (idx < n).astype(np.float32)
-      idx = np.minimum(idx, n - 1)
-      local = batch_size // process_count
-      sl = slice(process_index * local, (process_index + 1) * local)
-      batch = self._read(source, idx[sl])
+      batch = self._read(source, np.minimum(idx, n - 1)[sl])
       batch["mask"] = mask[sl]
-      yield batch
+      return batch
+
+    starts = range(0, n, batch_size)
+    if self.eval_transform is None or self.eval_threads <= 0:
+      yield from (batch_at(s) for s in starts)
+      return
+    import grain
+    ds = grain.MapDataset.source(list(starts)).map(batch_at)
+    yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=self.eval_threads, prefetch_buffer_size=2))
 
 
 @functools.lru_cache(maxsize=4)

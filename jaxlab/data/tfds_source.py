@@ -2,7 +2,8 @@
 
 `data.name = 'tfds'`, `data.tfds_name = 'mnist'`, `data.data_dir` (optional),
 `data.split_map` mapping jaxlab split names to tfds split strings (default:
-validation = first 5% of train, heldout = next 5%, train = the rest, test = test). No
+validation = first 5% of train, heldout = next 5%, train = the rest, test = test, or the
+tfds validation split for sets without a test split, such as imagenet2012 and imagenette). No
 TensorFlow is needed at run time; preparing a data set once needs the `tf`
 extra (`pip install -e '.[tf]'` then `tfds build <name>`).
 
@@ -69,6 +70,13 @@ def build(cfg, checkpoint_meta: dict | None = None) -> base.Dataset:
     builder = tfds.builder(name, data_dir=cfg.get("data_dir") or None)
   except Exception as e:  # unknown name
     raise ValueError(f"config.data.tfds_name: unknown tfds data set {name!r} ({e})") from e
+  if not cfg.get("split_map"):  # sets without a test split (imagenet2012, imagenette): evaluate on validation
+    try:
+      available = set(builder.info.splits)
+    except Exception:  # info of an unprepared set
+      available = set()
+    if available and "test" not in available and "validation" in available:
+      split_map["test"] = "validation"
   splits = {}
   for ours, theirs in split_map.items():
     try:
