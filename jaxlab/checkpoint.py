@@ -14,9 +14,11 @@ written on 8 devices loads on 1 and vice versa.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -71,11 +73,23 @@ def versions() -> dict:
   return {**_versions(), "code": code_version()}
 
 
+class CheckpointSaveError(CheckpointError):
+  """Writing a checkpoint failed (disk full, directory not writable); the checkpoints before it are kept."""
+
+
 class Manager:
-  """Thin facade over `ocp.CheckpointManager` for one workdir."""
+  """Thin facade over `ocp.CheckpointManager` for one workdir.
+
+  Saves are asynchronous; a failure of one (found at the save itself, at the next save or at `wait`/`close`)
+  is raised as `CheckpointSaveError` naming the directory, the step and the last checkpoint that is intact.
+  `close` is idempotent, and `close(raise_errors=False)` is for error paths: it never raises, so the error
+  being reported stays the one the user sees and no background thread outlives the interpreter.
+  """
 
   def __init__(self, workdir: str, max_to_keep: int | None = 2, create: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), CKPT_SUBDIR)
+    self._saving: int | None = None
+    self._closed = False
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
@@ -87,13 +101,53 @@ class Manager:
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())
 
+  def _save_error(self, step: int | None, e: BaseException) -> CheckpointSaveError:
+    kept = [s for s in _steps_in(self.directory) if step is None or s < step]
+    text = str(e).strip()
+    reason = getattr(e, "strerror", None) or (text.splitlines()[0][:200] if text else "no detail")
+    what = f"saving the checkpoint of step {step}" if step is not None else "saving a checkpoint"
+    keep = (f"the checkpoint of step {kept[-1]} is intact and a restart resumes from it" if kept
+            else "no earlier checkpoint exists")
+    return CheckpointSaveError(f"{self.directory}: {what} failed ({type(e).__name__}: {reason}); {keep}. "
+                               "Free disk space or make the directory writable, then start the same command again")
+
   def save(self, step: int, weights: dict, meta: dict, opt_state: Any = None, wait: bool = False):
+    """Starts writing checkpoint `step` (waits for it when `wait`).
+
+    Raises:
+      CheckpointSaveError: this save, or the previous asynchronous one, failed.
+    """
     items = {"weights": ocp.args.StandardSave(weights), "meta": ocp.args.JsonSave(meta)}
     if opt_state is not None:
       items["opt_state"] = ocp.args.StandardSave(opt_state)
-    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    previous = self._saving
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(previous, e) from e
+    self._check_can_write(step, sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves((weights, opt_state))))
+    self._saving = step
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:
+      raise self._save_error(step, e) from e
     if wait:
       self.wait()
+
+  def _check_can_write(self, step: int, nbytes: int) -> None:
+    """Refuses a save that cannot succeed (folder not writable, disk full) before orbax starts it: a failure
+    inside orbax's background threads is logged with tracebacks and leaves threads waiting at exit."""
+    probe = os.path.join(self.directory, f".write-probe-{os.getpid()}")
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      os.mkdir(probe)
+      os.rmdir(probe)
+      free = shutil.disk_usage(self.directory).free
+    except OSError as e:
+      raise self._save_error(step, e) from e
+    if nbytes > free:
+      raise self._save_error(step, OSError(errno.ENOSPC, f"disk full: it needs about {nbytes / 1e6:.1f} MB and "
+                                                         f"{free / 1e6:.1f} MB are free"))
 
   def restore(self, step: int, weights_target: Any, opt_target: Any = None) -> dict:
     items = {"weights": ocp.args.StandardRestore(weights_target), "meta": ocp.args.JsonRestore()}
@@ -102,11 +156,31 @@ class Manager:
     return dict(self._mngr.restore(step, args=ocp.args.Composite(**items)).items())
 
   def wait(self):
-    self._mngr.wait_until_finished()
+    """Waits for the pending save. Raises CheckpointSaveError when it failed."""
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(self._saving, e) from e
+    self._saving = None
 
-  def close(self):
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+  def close(self, raise_errors: bool = True):
+    """Waits for the pending save and releases orbax's threads; idempotent."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.wait()
+    except CheckpointSaveError:
+      if raise_errors:
+        raise
+    finally:
+      self._close_quietly()
+
+  def _close_quietly(self):
+    try:
+      self._mngr.close()
+    except Exception:  # noqa: BLE001  (closing after a failure: the first error is the one to report)
+      pass
 
 
 def _steps_in(cdir: str) -> list[int]:
@@ -114,6 +188,35 @@ def _steps_in(cdir: str) -> list[int]:
     return []
   return sorted(int(d) for d in os.listdir(cdir)
                 if d.isdigit() and os.path.isdir(os.path.join(cdir, d, "meta")))
+
+
+def steps(cdir: str) -> list[int]:
+  """The finished checkpoint steps in a `checkpoints` folder (read only; [] when there is none)."""
+  return _steps_in(cdir)
+
+
+def stored_shapes(cdir: str, step: int) -> tuple[Any, Any]:
+  """(weights, opt_state) trees of array metadata (shape, dtype) of a checkpoint, read without its arrays.
+
+  opt_state is None for a weights-only checkpoint (a transform output).
+
+  Raises:
+    CheckpointError: when the metadata cannot be read.
+  """
+  from etils import epath
+
+  def read(item: str):
+    path = epath.Path(cdir) / str(step) / item
+    if not path.exists():
+      return None
+    try:
+      md = ocp.StandardCheckpointHandler().metadata(path)
+    except Exception as e:  # orbax raises several types for a damaged checkpoint
+      raise CheckpointError(f"{path}: cannot read its metadata ({str(e).splitlines()[0][:200]})") from e
+    tree = getattr(md, "tree", md)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+
+  return read("weights"), read("opt_state")
 
 
 def resolve(path: str, step: int | None = None) -> tuple[str, int]:
@@ -143,6 +246,22 @@ def load_meta(path: str, step: int | None = None) -> dict:
     raise CheckpointError(f"{meta_dir}: meta is empty")
   with open(os.path.join(meta_dir, files[0])) as f:
     return json.load(f)
+
+
+def structure_difference(item: Any, stored: Any) -> str | None:
+  """How the tree structure of a restore target differs from a stored item's metadata (from `stored_shapes`),
+  compared the way orbax compares them before a restore; None when they agree, or when this orbax version
+  does not expose the comparison (the restore itself then reports a mismatch)."""
+  try:
+    from orbax.checkpoint._src.metadata import tree as tree_metadata
+    from orbax.checkpoint._src.tree import structure_utils
+    from orbax.checkpoint._src.tree import utils as tree_utils
+    serialized = tree_metadata.serialize_tree(item, tree_metadata.PyTreeMetadataOptions())
+    diff = structure_utils.tree_difference(serialized, stored, is_leaf=tree_utils.is_empty_or_leaf,
+                                           leaves_equal=lambda a, b: True)
+  except (ImportError, AttributeError, TypeError):  # private orbax API moved: skip this early check
+    return None
+  return None if diff is None else " ".join(str(diff).split())[:200]
 
 
 @dataclasses.dataclass

@@ -2,16 +2,24 @@
 
 `config.job` picks the job: `train` (default), `transform` (offline checkpoint
 transform), `evaluate` (a checkpoint on a split), `pipeline` (a method's
-multi-stage experiment). main only parses flags, records the resolved config,
-overrides and package versions in the workdir, and calls the library.
+multi-stage experiment). main only parses flags and, in this order:
+  1. validates the job's config and inputs (`jaxlab.validate`): a refusal is one
+     `error:` line, exit 2, and nothing is written anywhere;
+  2. records the attempt (`<workdir>/attempts/<NNN>/` and the latest at
+     `<workdir>/config.json`, `overrides.txt`, `versions.json`);
+  3. calls the library. A failure after that is one `error:` line, exit 2; a new
+     workdir without a checkpoint is removed, and an existing one gets its
+     previous record back when the attempt wrote no checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,30 +29,116 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 
 
-def _check_writable(workdir: str) -> bool:
-  """Creates `workdir` if needed; returns whether it existed before. Raises a clear error."""
-  existed = os.path.isdir(workdir)
+RECORD_FILES = ("config.json", "overrides.txt", "versions.json")
+ATTEMPTS_SUBDIR = "attempts"
+
+
+def _record_texts(config, argv: list[str]) -> dict[str, str]:
+  from jaxlab import checkpoint
+  overrides = [a for a in argv if a.startswith("--config.")]
+  return {
+      "config.json": config.to_json_best_effort(indent=2),
+      "overrides.txt": "\n".join(overrides) + ("\n" if overrides else ""),
+      "versions.json": json.dumps(checkpoint.versions(), indent=2),
+  }
+
+
+def _write_atomic(path: str, text: str) -> None:
+  """Writes `text` to a temporary name beside `path` and moves it into place (never a half-written file)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def record_run(config, workdir: str, argv: list[str]) -> str:
+  """Records this start of a job; returns its attempt folder. Call only after validation succeeded.
+
+  Every start gets `<workdir>/attempts/<NNN>/` with config.json, overrides.txt, versions.json and command.txt
+  (later `outcome.json`), so a workdir's history is never overwritten; the latest attempt is also copied to
+  `<workdir>/config.json`, `overrides.txt` and `versions.json`, the names tools read.
+
+  Raises:
+    PermissionError: the workdir cannot be created or written.
+  """
+  texts = _record_texts(config, argv)
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    root = os.path.join(workdir, ATTEMPTS_SUBDIR)
+    os.makedirs(root, exist_ok=True)
+    taken = [int(d) for d in os.listdir(root) if d.isdigit()]
+    attempt = os.path.join(root, f"{max(taken, default=0) + 1:03d}")
+    os.makedirs(attempt)
+    for name, text in texts.items():
+      _write_atomic(os.path.join(attempt, name), text)
+    _write_atomic(os.path.join(attempt, "command.txt"), shlex.join([sys.executable, *argv]) + "\n")
+    for name, text in texts.items():
+      _write_atomic(os.path.join(workdir, name), text)
   except OSError as e:
-    raise PermissionError(f"--workdir={workdir} is not writable ({e.strerror}); choose another directory") from e
-  return existed
+    raise PermissionError(f"--workdir={workdir} is not writable ({e.strerror or e}); choose another directory") from e
+  return attempt
 
 
-def record_run(config, workdir: str, argv: list[str]) -> None:
-  """Writes config.json, overrides.txt and versions.json into the workdir."""
+def _finish_attempt(attempt: str | None, status: str, message: str = "") -> None:
+  """Writes the attempt's `outcome.json` (done / error / interrupted); best effort, never raises."""
+  if not attempt:
+    return
+  try:
+    _write_atomic(os.path.join(attempt, "outcome.json"),
+                  json.dumps({"status": status, "message": message, "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                             indent=2))
+  except OSError:
+    pass
+
+
+def _checkpoints_below(workdir: str) -> set[tuple[str, int]]:
+  """(checkpoints folder, step) of every finished checkpoint in `workdir` and its sub-workdirs (pipeline stages)."""
   from jaxlab import checkpoint
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  overrides = [a for a in argv if a.startswith("--config.")]
-  with open(os.path.join(workdir, "overrides.txt"), "w") as f:
-    f.write("\n".join(overrides) + ("\n" if overrides else ""))
-  with open(os.path.join(workdir, "versions.json"), "w") as f:
-    json.dump(checkpoint.versions(), f, indent=2)
+  found = set()
+  for root, dirs, _ in os.walk(workdir):
+    if checkpoint.CKPT_SUBDIR in dirs:
+      cdir = os.path.join(root, checkpoint.CKPT_SUBDIR)
+      found.update((os.path.relpath(cdir, workdir), s) for s in checkpoint.steps(cdir))
+    dirs[:] = [d for d in dirs if d not in (checkpoint.CKPT_SUBDIR, "jax_cache", "tensorboard", ATTEMPTS_SUBDIR)]
+  return found
+
+
+class _Snapshot:
+  """The workdir's latest record and checkpoints before a start, to put the record back after a failure that
+  wrote no checkpoint (the workdir then again describes its own checkpoints), or to remove a workdir this
+  start created when nothing of value was made in it."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.existed = os.path.isdir(workdir)
+    self.checkpoints = _checkpoints_below(workdir) if self.existed else set()
+    self.records = {}
+    for name in RECORD_FILES:
+      path = os.path.join(workdir, name)
+      if os.path.isfile(path):
+        with open(path, "rb") as f:
+          self.records[name] = f.read()
+
+  def restore_after_failure(self) -> None:
+    if not os.path.isdir(self.workdir):
+      return
+    now = _checkpoints_below(self.workdir)
+    if not self.existed and not now:  # nothing of value was made: leave no directory behind
+      shutil.rmtree(self.workdir, ignore_errors=True)
+      return
+    if now != self.checkpoints:  # this attempt wrote checkpoints: the record describes them
+      return
+    for name in RECORD_FILES:
+      path = os.path.join(self.workdir, name)
+      try:
+        if name in self.records:
+          with open(f"{path}.tmp{os.getpid()}", "wb") as f:
+            f.write(self.records[name])
+          os.replace(f"{path}.tmp{os.getpid()}", path)
+        elif os.path.exists(path):
+          os.remove(path)
+      except OSError:
+        pass
 
 
 def run(config, workdir: str) -> dict:
@@ -55,24 +149,53 @@ def run(config, workdir: str) -> dict:
     return _run_job(config, workdir)
 
 
+def _train(config, workdir: str) -> dict:
+  from jaxlab import train
+  return train.train_and_evaluate(config, workdir)
+
+
+def _transform(config, workdir: str) -> dict:
+  from jaxlab.transforms import engine
+  return engine.run(config, workdir)
+
+
+def _evaluate(config, workdir: str) -> dict:
+  from jaxlab import evaluate
+  return evaluate.run(config, workdir)
+
+
+def _pipeline(config, workdir: str) -> dict:
+  from jaxlab import pipelines
+  return pipelines.get(config.pipeline)(config, workdir)
+
+
+def _import(config, workdir: str) -> dict:
+  from jaxlab.interop import jobs
+  return jobs.run_import(config, workdir)
+
+
+def _export(config, workdir: str) -> dict:
+  from jaxlab.interop import jobs
+  return jobs.run_export(config, workdir)
+
+
+# config.job -> the function that runs it. A new job adds a line here and its checks in jaxlab/validate.py
+# (`validate.register(job, inputs=..., outputs=..., check=...)`), which run before anything is written.
+JOBS = {
+    "train": _train,
+    "transform": _transform,
+    "evaluate": _evaluate,
+    "pipeline": _pipeline,
+    "import": _import,
+    "export": _export,
+}
+
+
 def _run_job(config, workdir: str) -> dict:
   job = config.get("job", "train")
-  if job == "train":
-    from jaxlab import train
-    return train.train_and_evaluate(config, workdir)
-  if job == "transform":
-    from jaxlab.transforms import engine
-    return engine.run(config, workdir)
-  if job == "evaluate":
-    from jaxlab import evaluate
-    return evaluate.run(config, workdir)
-  if job == "pipeline":
-    from jaxlab import pipelines
-    return pipelines.get(config.pipeline)(config, workdir)
-  if job in ("import", "export"):
-    from jaxlab.interop import jobs
-    return jobs.run_import(config, workdir) if job == "import" else jobs.run_export(config, workdir)
-  raise ValueError(f"config.job: unknown job {job!r}; use train, transform, evaluate, pipeline, import or export")
+  if job not in JOBS:
+    raise ValueError(f"config.job: unknown job {job!r}; use one of {', '.join(JOBS)}")
+  return JOBS[job](config, workdir)
 
 
 def _summary_line(result: dict) -> str:
@@ -83,43 +206,80 @@ def _summary_line(result: dict) -> str:
   return "done: " + ", ".join(f"{k}={v}" for k, v in keys.items())
 
 
+def _one_line(e: BaseException) -> str:
+  msg = str(e).strip()
+  return msg.splitlines()[0] if msg else type(e).__name__
+
+
+def _config_file_error(e: Exception) -> str:
+  """One line for a config file that cannot be loaded: missing, not Python, or raising in get_config."""
+  cfg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "")
+  if isinstance(e, SyntaxError):
+    where = f"{e.filename or cfg}, line {e.lineno}" if e.lineno else (e.filename or cfg)
+    return f"--config={cfg}: not a valid Python config file ({type(e).__name__}: {e.msg} at {where})"
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  if isinstance(e, OSError) or any("No such file" in ln for ln in lines):
+    detail = next((ln for ln in lines if "No such file" in ln or "not found" in ln.lower()), lines[-1] if lines else "")
+    return f"--config: {lines[0] if lines else type(e).__name__} ({detail})"
+  return f"--config={cfg}: {type(e).__name__}: {lines[0] if lines else ''} (while loading the config file)"
+
+
+# Errors a job raises for bad input or a failed run, printed as one line with exit code 2.
+_USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
+
+
+def _quiet_closed_event_loop(default_hook):
+  """A sys.excepthook that drops one known message: when orbax fails to restore a damaged checkpoint, its
+  event loop is closed while tensorstore still finishes reads, and each late callback prints 'RuntimeError:
+  Event loop is closed' with a traceback (after jaxlab has raised its own error). Everything else is printed."""
+  def hook(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      logging.debug("late orbax callback after a failed restore: %s", value)
+      return
+    default_hook(kind, value, tb)
+  return hook
+
+
 def main(argv):
   del argv
+  sys.excepthook = _quiet_closed_event_loop(sys.excepthook)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  from jaxlab import checkpoint
   workdir = _WORKDIR.value
   try:  # config_flags loads the file and applies overrides lazily, on first access
     config = _CONFIG.value
     if config is not None:
       config.get("job")
-  except (OSError, KeyError, AttributeError, ValueError, TypeError) as e:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    detail = next((ln for ln in lines if "No such file" in ln or "not found" in ln.lower()), lines[-1] if lines else "")
-    print(f"error: --config: {lines[0] if lines else type(e).__name__} ({detail})", file=sys.stderr)
+  except Exception as e:  # noqa: BLE001  (a config file is arbitrary Python: any failure is its error)
+    print(f"error: {_config_file_error(e)}", file=sys.stderr)
     sys.exit(2)
   if config is None:
     raise app.UsageError("--config is required (for example ml_collections_configs/digits_vit.py)")
   if not workdir:
     raise app.UsageError("--workdir is required")
-  existed = False
-  try:
-    existed = _check_writable(workdir)
-    record_run(config, workdir, sys.argv)
+  from jaxlab import validate
+  try:  # 1. validate everything that can be, before anything is written
+    validate.job(config, workdir)
+  except _USER_ERRORS as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    logging.debug("full error", exc_info=True)
+    sys.exit(2)
+  snapshot = _Snapshot(workdir)
+  attempt = None
+  try:  # 2. record this attempt, 3. run
+    attempt = record_run(config, workdir, sys.argv)
     result = run(config, workdir)
-  except (ValueError, FileNotFoundError, PermissionError, checkpoint.CheckpointError,
-          FloatingPointError, KeyError) as e:
-    # Nothing half-written: a new workdir without any checkpoint is removed again.
-    ckpts = os.path.join(workdir, checkpoint.CKPT_SUBDIR)
-    if not existed and os.path.isdir(workdir) and not (os.path.isdir(ckpts) and os.listdir(ckpts)):
-      shutil.rmtree(workdir, ignore_errors=True)
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    print(f"error: {msg}", file=sys.stderr)
+  except _USER_ERRORS as e:
+    _finish_attempt(attempt, "error", _one_line(e))
+    snapshot.restore_after_failure()
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     logging.debug("full error", exc_info=True)
     sys.exit(2)
   except KeyboardInterrupt:
+    _finish_attempt(attempt, "interrupted")
     print(f"interrupted: start the same command again to resume from the last checkpoint in {workdir}",
           file=sys.stderr)
     sys.exit(130)
+  _finish_attempt(attempt, "done", _summary_line(result))
   print(_summary_line(result), flush=True)
 
 
@@ -136,6 +296,23 @@ def _parse_flags(argv: list[str]) -> list[str]:
       cfg = next((a for a in argv if a.startswith("--config=")), "--config")
       print(f"error: {cfg}: {cause.split(':', 1)[1].strip()}", file=sys.stderr)
     sys.exit(2)
+  except Exception as e:
+    if not _raised_by_config_file(e):
+      raise  # a bad --config.x override: entry() reports it
+    print(f"error: {_config_file_error(e)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _raised_by_config_file(e: BaseException) -> bool:
+  """Whether `e` comes from the --config file itself (it is not valid Python, or it raises while loading)."""
+  import traceback
+  cfg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "")
+  path = os.path.abspath(cfg.split(":", 1)[0]) if cfg else ""
+  if not path:
+    return False
+  if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == path:
+    return True
+  return any(os.path.abspath(f.filename) == path for f in traceback.extract_tb(e.__traceback__))
 
 
 def entry():

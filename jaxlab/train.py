@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxlab import build, checkpoint, data, objectives, optim, profiling, sharding, trees
+from jaxlab import build, checkpoint, data, objectives, optim, profiling, sharding, trees, validate
 
 
 class NonFiniteError(FloatingPointError):
@@ -284,14 +284,53 @@ class MetricWriter:
 # ----------------------------------------------------------------------------
 
 
+class _Opened:
+  """What a training run opened (checkpoint manager, progress bar, metric files), closed on every error path:
+  the bar first, so the error is printed on a line of its own, then the checkpoint manager (its pending save
+  finishes, and no orbax thread outlives the interpreter), then the metric files."""
+
+  def __init__(self):
+    self.pbar = None
+    self.mngr = None
+    self.writer = None
+
+  def close_after_error(self):
+    if self.pbar is not None:
+      self.pbar.close()
+    if self.mngr is not None:
+      self.mngr.close(raise_errors=False)
+    if self.writer is not None:
+      self.writer.close()
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains and evaluates; returns a summary (test accuracy, params, wall time, ...).
+
+  Every check that needs no training (`validate.train_run`: sizes, steps, data, devices, inputs, whether the
+  workdir's checkpoint can be resumed with this config) runs before anything is written.
+
+  Raises:
+    NonFiniteError: when loss or gradients become NaN/Inf; the last good checkpoint is kept and named.
+    CheckpointSaveError: when a checkpoint cannot be written; the earlier ones are kept.
+    ValueError / CheckpointError: for bad config or inputs, with the key named.
+  """
+  opened = _Opened()
+  try:
+    return _train_and_evaluate(config, workdir, opened)
+  except BaseException:
+    opened.close_after_error()
+    raise
+
+
+def _train_and_evaluate(config, workdir: str, opened: _Opened) -> dict[str, Any]:
+  """The body of `train_and_evaluate`; what it opens goes into `opened`.
 
   Raises:
     NonFiniteError: when loss or gradients become NaN/Inf (no checkpoint of it).
     ValueError / CheckpointError: for bad config or inputs, with the key named.
   """
   t0 = time.time()
+  validate.train_run(config, workdir)  # a refusal leaves no trace: nothing is written before this
   os.makedirs(workdir, exist_ok=True)
   dataset = data.get_dataset(config.data, data.checkpoint_meta_for(config))  # + an imported model's preprocessing
   total = resolve_steps(config, dataset.num_examples("train"))
@@ -320,7 +359,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
               "opt_state": sharding.param_shardings(state["opt_state"], mesh, ()),
               "model_state": sharding.param_shardings(state["model_state"], mesh, ())}
 
-  mngr = checkpoint.Manager(workdir, max_to_keep=config.get("keep_checkpoints", 2))
+  mngr = opened.mngr = checkpoint.Manager(workdir, max_to_keep=config.get("keep_checkpoints", 2))
   start = mngr.latest_step()
   if start is not None:
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=s),
@@ -368,7 +407,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   n_params = trees.count(params)
   n_theta = trees.count(state["theta"])
-  writer = MetricWriter(workdir)
+  writer = opened.writer = MetricWriter(workdir)
   log_every = int(config.get("log_every", 50))
   eval_every = int(config.get("eval_every", 0) or 0)
   ckpt_every = int(config.get("checkpoint_every", 0) or 0)
@@ -378,6 +417,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     from tqdm.auto import tqdm
     pbar = tqdm(total=total, initial=start, desc=os.path.basename(os.path.abspath(workdir)),
                 dynamic_ncols=True, leave=True)
+    opened.pbar = pbar
   last_eval: dict = {}
   t_log, n_log = time.time(), 0
   pending: list = []
@@ -393,12 +433,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if done % log_every == 0 or done == total:
         host = jax.device_get(pending)
         pending = []
-        if not all(bool(m["finite"]) for m in host):
-          bad = next(m for m in host if not bool(m["finite"]))
-          raise NonFiniteError(
-              f"non-finite loss or gradients near step {done} (loss={float(bad['loss'])}, "
-              f"grad_norm={float(bad['grad_norm'])}); the last good checkpoint in {mngr.directory} is kept. "
-              "Lower config.optimizer.lr or set config.optimizer.grad_clip")
+        _check_finite(host, done, mngr)
         m = {k: float(np.mean([h[k] for h in host])) for k in host[-1] if k != "finite"}
         m["lr"] = float(sched(done - 1))
         m["examples_per_s"] = n_log / max(time.time() - t_log, 1e-9)
@@ -416,6 +451,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       if eval_every and done % eval_every == 0 and done != total:
         last_eval = run_eval(eval_splits[:1], done)[eval_splits[0]] if eval_splits else {}
       if ckpt_every and done % ckpt_every == 0 and done != total:
+        _check_finite(jax.device_get(pending), done, mngr)  # never checkpoint a state after a non-finite step
         _save(mngr, state, config, dataset, done, {}, provenance)
   except KeyboardInterrupt:
     tracer.close(state)
@@ -448,6 +484,26 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   return summary
+
+
+def _check_finite(host_metrics: list[dict], done: int, mngr) -> None:
+  """Raises NonFiniteError naming the first non-finite step of the last `len(host_metrics)` steps before
+  `done`, and the last good checkpoint (its pending save is finished first, so the step named is on disk)."""
+  flags = [bool(m["finite"]) for m in host_metrics]
+  if all(flags):
+    return
+  i = flags.index(False)
+  bad, step = host_metrics[i], done - len(flags) + i + 1
+  try:
+    mngr.wait()
+  except checkpoint.CheckpointError:
+    pass
+  steps = mngr.all_steps()
+  kept = (f"the last good checkpoint, step {steps[-1]}, is kept in {mngr.directory} (a restart resumes from it)"
+          if steps else "there is no last good checkpoint (none had been written yet)")
+  raise NonFiniteError(f"non-finite loss or gradients at step {step} (loss={float(bad['loss'])}, "
+                       f"grad_norm={float(bad['grad_norm'])}); {kept}. Lower config.optimizer.lr or set "
+                       "config.optimizer.grad_clip")
 
 
 def _save(mngr, state, config, dataset, step, metrics, provenance):
