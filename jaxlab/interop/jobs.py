@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 from collections.abc import Callable, Sequence
 
 import jax
@@ -381,8 +382,8 @@ def export_tensors(loaded: checkpoint.Loaded, format: str) -> tuple[dict[str, np
   meta = loaded.meta
   model, k = dict(meta["model"]), int(meta["data"]["num_classes"])
   if format == "jaxlab":
-    flat = trees.flatten(jax.device_get({"theta": loaded.theta, "model_state": loaded.model_state}))
-    return {n: np.ascontiguousarray(v) for n, v in flat.items()}, {JAXLAB_META_KEY: json.dumps(meta)}
+    flat = trees.flatten({"theta": loaded.theta, "model_state": loaded.model_state})
+    return {n: np.asarray(v) for n, v in flat.items()}, {JAXLAB_META_KEY: json.dumps(meta)}
   if format != "timm":
     raise ValueError(f"config.format={format!r}: choose timm or jaxlab")
   name = model.get("name")
@@ -395,7 +396,8 @@ def export_tensors(loaded: checkpoint.Loaded, format: str) -> tuple[dict[str, np
     )
   if model.get("distilled") and model.get("final_norm") != "tokens":
     raise ValueError(f"{loaded.path}: a distilled ViT with final_norm='pooled' has no timm equivalent")
-  params = jax.device_get(loaded.params)  # materialized: a TLEG / soup parameterization exports its network
+  # materialized: a TLEG / soup parameterization exports its network; np.asarray views CPU arrays without a copy
+  params = jax.tree.map(np.asarray, loaded.params)
   flat = trees.flatten({"params": params})
   entries = vit_maps.timm_entries(model, k)
   uncovered = sorted(set(flat) - {f"{e.collection}/{e.ours}" for e in entries})
@@ -409,13 +411,49 @@ def export_tensors(loaded: checkpoint.Loaded, format: str) -> tuple[dict[str, np
   return names.export_tensors(flat, entries, int(model["depth"])), {"timm_kwargs": json.dumps(kw)}
 
 
-def write_safetensors(tensors: dict[str, np.ndarray], out: str, metadata: dict[str, str]) -> None:
-  """Writes `out` atomically (a temporary file renamed into place), so a failure leaves nothing behind."""
-  from safetensors.numpy import save_file
+_SAFETENSORS_CODES = {
+  "float64": "F64",
+  "float32": "F32",
+  "float16": "F16",
+  "bfloat16": "BF16",
+  "int64": "I64",
+  "int32": "I32",
+  "int16": "I16",
+  "int8": "I8",
+  "uint8": "U8",
+  "bool": "BOOL",
+}
 
+
+def write_safetensors(tensors: dict[str, np.ndarray], out: str, metadata: dict[str, str]) -> None:
+  """Writes `tensors` (arrays or strided views) as a safetensors file, one tensor at a time, atomically.
+
+  The layout is safetensors' own (u64 header size, JSON header with dtype / shape / data offsets and
+  `__metadata__`, then the little-endian data without holes); `safetensors.safe_open` and timm read it. Writing
+  it here rather than with `safetensors.numpy.save_file` lets a transposed view be copied to contiguous memory
+  one tensor at a time, so exporting needs about one extra tensor of memory instead of a second copy of the
+  model. The file is written under a temporary name and renamed into place, so a failure leaves nothing behind.
+  """
+  header: dict = {"__metadata__": {"format": "pt", **metadata}}
+  offset = 0
+  for k, v in tensors.items():
+    name = np.dtype(v.dtype).name
+    if name not in _SAFETENSORS_CODES:
+      raise ValueError(f"tensor {k}: dtype {name} cannot be written to safetensors")
+    header[k] = {"dtype": _SAFETENSORS_CODES[name], "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
+    offset += v.nbytes
+  head = json.dumps(header, separators=(",", ":")).encode()
+  head += b" " * (-len(head) % 8)
   tmp = out + ".tmp"
   try:
-    save_file(tensors, tmp, metadata={"format": "pt", **metadata})
+    with open(tmp, "wb") as f:
+      f.write(struct.pack("<Q", len(head)))
+      f.write(head)
+      for v in tensors.values():
+        v = np.asarray(v)
+        if not v.flags.c_contiguous:
+          v = names.copy_into(np.empty(v.shape, v.dtype), v)
+        f.write(memoryview(v.astype(v.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8)))
     os.replace(tmp, out)
   finally:
     if os.path.exists(tmp):
@@ -460,6 +498,7 @@ def run_export(config, workdir: str) -> dict:
       f"timm.create_model(<a {name} name>, pretrained=True, pretrained_cfg_overlay=dict(file="
       f"{os.path.abspath(out)!r}, num_classes={kw['num_classes']}), **timm_kwargs)"
     )
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "export.json"), "w") as f:
     json.dump(report, f, indent=2)
   return {"workdir": os.path.abspath(workdir), "out": report["out"], "format": fmt, "tensors": len(tensors)}

@@ -206,15 +206,14 @@ def import_tree(
 
 
 def export_tensors(flat: dict[str, np.ndarray], entries: Sequence[Entry], depth: int) -> dict[str, np.ndarray]:
-  """The foreign state dict (key -> contiguous array) of a flat jaxlab tree, blocks unstacked."""
+  """The foreign state dict (key -> array, often a strided view of `flat`) of a flat jaxlab tree, blocks unstacked."""
   out = {}
   for e in entries:
     arr = np.asarray(flat[f"{e.collection}/{e.ours}"])
     layers = [(arr[i], e.layer_keys(i)) for i in range(depth)] if e.stacked else [(arr, list(e.theirs))]
     for value, keys in layers:
       for k, v in zip(keys, e.conversion.to_theirs(value)):
-        v = np.asarray(v)
-        out[k] = v if v.flags.c_contiguous else copy_into(np.empty(v.shape, v.dtype), v)
+        out[k] = np.asarray(v)  # a view where the conversion is a transpose: the writer copies it tensor by tensor
   return out
 
 

@@ -103,16 +103,30 @@ class DictSource(TensorSource):
 
 
 class SafetensorsSource(TensorSource):
+  """A safetensors file: names, shapes, dtypes and metadata through `safetensors.safe_open` (which validates the
+  header); each tensor is read with one `readinto` into a fresh array at the offset the header gives.
+
+  Reading into our own array, rather than through the library's memory map, keeps the file's pages out of the
+  process's resident memory (they stay in the page cache) and copies each tensor once; it also reads bfloat16,
+  which numpy (and so `safetensors.numpy`) has no dtype for (`ml_dtypes.bfloat16`, as jax uses).
+  """
+
   def __init__(self, path: str):
     from safetensors import safe_open
 
     self.path, self.format = path, "safetensors"
     try:
-      self._f = safe_open(path, framework="np")
-      self._keys = list(self._f.keys())
-      self._meta = self._f.metadata() or {}
+      with safe_open(path, framework="np") as f:
+        self._keys = list(f.keys())
+        self._meta = f.metadata() or {}
+      with open(path, "rb") as f:  # the layout: u64 header size, JSON header, data (offsets relative to its end)
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
     except Exception as e:  # safetensors raises its own error types
       raise ReadError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
+    self._data_start = 8 + n
+    self._info = {k: header[k] for k in self._keys}
+    self._file = open(path, "rb")
 
   @property
   def metadata(self) -> dict[str, str]:
@@ -123,30 +137,30 @@ class SafetensorsSource(TensorSource):
     return list(self._keys)
 
   def shape(self, key):
-    return tuple(self._f.get_slice(key).get_shape())
+    return tuple(self._info[key]["shape"])
 
   def dtype(self, key):
-    name = self._f.get_slice(key).get_dtype()
+    name = self._info[key]["dtype"]
     if name == "BF16":
       import ml_dtypes
 
       return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(_SAFETENSORS_DTYPES.get(name, "V"))
+    if name not in _SAFETENSORS_DTYPES:
+      raise ReadError(f"{self.path}: tensor {key} has dtype {name}, which jaxlab does not read")
+    return np.dtype(_SAFETENSORS_DTYPES[name])
 
   def get(self, key):
-    if self._f.get_slice(key).get_dtype() == "BF16":  # numpy has no bfloat16: read the bytes (ml_dtypes)
-      return self._get_raw(key)
-    t = self._f.get_tensor(key)  # already a fresh array; copy only if it is a read-only view
-    return t if t.flags.writeable and t.flags.owndata else np.array(t)
+    start, end = self._info[key]["data_offsets"]
+    out = np.empty(self.shape(key), self.dtype(key).newbyteorder("<"))
+    if out.nbytes != end - start:
+      raise ReadError(f"{self.path}: tensor {key} has {end - start} bytes for shape {list(out.shape)}")
+    self._file.seek(self._data_start + start)
+    if self._file.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+      raise ReadError(f"{self.path}: file ends inside tensor {key}")
+    return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
 
-  def _get_raw(self, key):
-    """A tensor read from the file's own layout: u64 header size, JSON header, then the data offsets."""
-    with open(self.path, "rb") as f:
-      (n,) = struct.unpack("<Q", f.read(8))
-      start, end = json.loads(f.read(n))[key]["data_offsets"]
-      f.seek(8 + n + start)
-      data = f.read(end - start)
-    return np.frombuffer(data, dtype=self.dtype(key)).reshape(self.shape(key)).copy()
+  def close(self):
+    self._file.close()
 
 
 _SAFETENSORS_DTYPES = {
