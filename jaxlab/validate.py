@@ -118,8 +118,25 @@ def _inside(path: str, directory: str) -> bool:
   return path == directory or os.path.commonpath([path, directory]) == directory
 
 
+def check_exist(inputs: Sequence[tuple[str, str]]) -> None:
+  """Every input file or directory exists. Raises FileNotFoundError naming the key and the path."""
+  for key, path in inputs:
+    if not os.path.exists(os.path.expanduser(path)):
+      raise FileNotFoundError(f"{key}={path}: no such file or directory; check the path")
+
+
+def check_checkpoints(inputs: Sequence[tuple[str, str]]) -> None:
+  """Every input holds a jaxlab checkpoint. Raises CheckpointError naming the key and the path."""
+  from jaxlab import checkpoint
+  for key, path in inputs:
+    try:
+      checkpoint.resolve(path)
+    except checkpoint.CheckpointError as e:
+      raise checkpoint.CheckpointError(f"{key}={e}") from None
+
+
 def check_paths(workdir: str, inputs: Sequence[tuple[str, str]], outputs: Sequence[tuple[str, str]] = ()) -> None:
-  """Every input exists; the workdir and the other outputs are neither an input nor inside one.
+  """The workdir and the other outputs are neither an input nor inside one (inputs are only read).
 
   Args:
     workdir: the job's `--workdir`.
@@ -127,11 +144,8 @@ def check_paths(workdir: str, inputs: Sequence[tuple[str, str]], outputs: Sequen
     outputs: (config key, path) of what the job writes besides the workdir.
 
   Raises:
-    ValueError / FileNotFoundError: naming the key (or `--workdir`) and the path.
+    ValueError: naming the key (or `--workdir`) and the path.
   """
-  for key, path in inputs:
-    if not os.path.exists(os.path.expanduser(path)):
-      raise FileNotFoundError(f"{key}={path}: no such file or directory; check the path")
   for out_key, out in [("--workdir", workdir), *outputs]:
     for key, path in inputs:
       if _inside(out, _owner(path)):
@@ -225,9 +239,10 @@ def train_run(config, workdir: str) -> TrainPlan:
   """
   import jax
 
-  from jaxlab import checkpoint, data, train
+  from jaxlab import data, train
   numbers(config)
   check_paths(workdir, _paths(config, _TRAIN_INPUTS))
+  check_checkpoints(_paths(config, _TRAIN_INPUTS))
   meta_for = getattr(data, "checkpoint_meta_for", None)  # an imported model's preprocessing, where supported
   dataset = data.get_dataset(config.data, meta_for(config)) if meta_for else data.get_dataset(config.data)
   n_train = dataset.num_examples("train")
@@ -244,11 +259,6 @@ def train_run(config, workdir: str) -> TrainPlan:
         raise ValueError(f"config.{key}: data set {dataset.name!r} has no split {split!r}; "
                          f"splits: {sorted(dataset.splits)}")
   total = train.resolve_steps(config, n_train)
-  for key, path in _paths(config, _TRAIN_INPUTS):
-    try:
-      checkpoint.resolve(path)
-    except checkpoint.CheckpointError as e:
-      raise checkpoint.CheckpointError(f"{key}={path}: {str(e).split(': ', 1)[-1]}") from None
   return TrainPlan(dataset=dataset, total_steps=total, resume_step=_check_resume(config, workdir, dataset, total))
 
 
@@ -310,10 +320,8 @@ def _evaluate_check(config, workdir: str) -> None:
   from jaxlab import checkpoint, data
   if not config.get("checkpoint"):
     raise ValueError("config.checkpoint: give the checkpoint (workdir) to evaluate")
-  try:
-    meta = checkpoint.load_meta(config.checkpoint)
-  except checkpoint.CheckpointError as e:
-    raise checkpoint.CheckpointError(f"config.checkpoint={config.checkpoint}: {str(e).split(': ', 1)[-1]}") from None
+  check_checkpoints([("config.checkpoint", config.checkpoint)])
+  meta = checkpoint.load_meta(config.checkpoint)
   data_cfg = dict(meta["data"]["config"], **({"name": config.data_name} if config.get("data_name") else {}))
   dataset = data.get_dataset(data_cfg)
   for split in tuple(config.get("splits", ())):
@@ -328,16 +336,12 @@ def _transform_inputs(config) -> list[tuple[str, str]]:
 
 
 def _transform_check(config, workdir: str) -> None:
-  from jaxlab import build, checkpoint
+  from jaxlab import build
   from jaxlab.transforms import engine, registry
   t = registry.get(config.get("transform", ""))
   paths = engine.split_paths(config.get("inputs"))
   t.validate(build.to_dict(config.get("args")), len(paths))
-  for p in paths:
-    try:
-      checkpoint.resolve(p)
-    except checkpoint.CheckpointError as e:
-      raise checkpoint.CheckpointError(f"config.inputs: {e}") from None
+  check_checkpoints([("config.inputs", p) for p in paths])
   engine.check_output_dir(workdir, paths)
 
 
@@ -350,5 +354,6 @@ register("train", inputs=lambda c: _paths(c, _TRAIN_INPUTS), check=train_run)
 register("evaluate", inputs=lambda c: _paths(c, ("checkpoint",)), check=_evaluate_check)
 register("transform", inputs=_transform_inputs, check=_transform_check)
 register("pipeline", inputs=lambda c: _paths(c, _TRAIN_INPUTS), check=_pipeline_check)
-register("import", inputs=lambda c: _paths(c, ("source",)))
-register("export", inputs=lambda c: _paths(c, ("checkpoint",)), outputs=lambda c: _paths(c, ("out",)))
+register("import", inputs=lambda c: _paths(c, ("source",)), check=lambda c, w: check_exist(_paths(c, ("source",))))
+register("export", inputs=lambda c: _paths(c, ("checkpoint",)), outputs=lambda c: _paths(c, ("out",)),
+         check=lambda c, w: check_checkpoints(_paths(c, ("checkpoint",))))

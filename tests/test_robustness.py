@@ -257,6 +257,8 @@ def test_validate_names_the_key_and_the_path(tmp_path):
     validate.check_paths(str(tmp_path / "w"), [("config.checkpoint", str(src))],
                          [("config.out", str(src / "x.safetensors"))])
   with pytest.raises(FileNotFoundError, match=r"^config\.source=.*/nope\.safetensors: no such file"):
-    validate.check_paths(str(tmp_path / "w"), [("config.source", str(tmp_path / "nope.safetensors"))])
+    validate.check_exist([("config.source", str(tmp_path / "nope.safetensors"))])
+  with pytest.raises(ValueError, match=r"^config\.inputs=.*/src: no jaxlab checkpoint found"):
+    validate.check_checkpoints([("config.inputs", str(src))])
   validate.check_paths(str(tmp_path / "w"), [("config.checkpoint", str(src))])  # a sibling is fine
   assert not (tmp_path / "w").exists()  # checking writes nothing
