@@ -387,3 +387,13 @@ def test_bfloat16_safetensors_import_as_float32(tmp_path):
   want = np.stack([tensors[f"blocks.{i}.attn.qkv.weight"].astype(np.float32).T for i in range(2)])
   assert np.array_equal(kernel, want)
   assert np.abs(_logits(imp, REF["x16"]) - REF["logits_vit_token"]).max() < 0.1  # bf16 rounding of the weights
+
+
+def test_torch_reader_views_sharing_a_storage_half_bfloat16_and_scalars():
+  """torch.save keeps views as (storage, offset, shape, strides): each must read as the tensor it was."""
+  with readers.open_source(os.path.join(FIX, "views.pth")) as src:
+    assert src.dtype("fp16") == np.float16 and src.dtype("bf16").name == "bfloat16"
+    for k in ("base", "transposed", "strided", "fp16", "bf16", "scalar"):
+      got = src.get(k)
+      assert got.shape == REF[f"views_{k}"].shape, k
+      assert np.array_equal(got.astype(np.float32), REF[f"views_{k}"]), k

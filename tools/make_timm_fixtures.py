@@ -16,6 +16,7 @@ a seeded normal distribution, so that a swapped or mis-transposed tensor changes
                                           with timm's own big_vision loader (`_load_weights`)
   wrn_mixturegrowth.pth                   a WRN-10-0.5 in the MixtureGrowth code's naming (`conv_stem`,
                                           `group_{g}.{b}.bn1`, `last_act.0`, `fc`), BatchNorm running stats
+  views.pth                               tensors sharing one storage (transposed, strided), fp16, bf16, 0-d
   reference.npz                           inputs `x16` [2,3,16,16] and `x24` [2,3,24,24] and each
                                           model's eval logits `logits_<name>`; `vit_token` resampled to 24x24
                                           by timm (`pos_embed_24`, `logits_vit_token_24`)
@@ -196,6 +197,21 @@ def main():
   wrn = randomize(_Wrn(10, 0.5, 5), 8)
   torch.save(wrn.state_dict(), os.path.join(args.out, "wrn_mixturegrowth.pth"))
   ref["logits_wrn_mixturegrowth"] = logits(wrn, ref["x16"])
+
+  # torch.save corner cases for the reader: views sharing one storage (transposed, strided slice), fp16,
+  # bf16 and a 0-d tensor; reference.npz holds their float32 values (`views_<name>`).
+  g = torch.Generator().manual_seed(9)
+  base = torch.randn(4, 6, generator=g)
+  views = {
+    "base": base,
+    "transposed": base.t(),
+    "strided": base[1:, ::2],
+    "fp16": base.half(),
+    "bf16": base.bfloat16(),
+    "scalar": torch.tensor(3.5),
+  }
+  torch.save(views, os.path.join(args.out, "views.pth"))
+  ref.update({f"views_{k}": v.float().numpy() for k, v in views.items()})
 
   np.savez(os.path.join(args.out, "reference.npz"), **ref)
   total = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))

@@ -8,9 +8,9 @@ Three formats, chosen by `format='auto'` from the file name:
   (`collections.OrderedDict`, torch's tensor/parameter rebuild functions and
   storage classes); every other global in the pickle (an `argparse.Namespace`
   of training args, numpy scalars, ...) becomes an inert `Opaque` placeholder,
-  so no code named by the file ever runs. Storages are memory-mapped from the
-  archive (torch stores them uncompressed) and turned into numpy arrays only
-  when a tensor is read. A `{'model': state_dict}` wrapper as DeiT ships it is
+  so no code named by the file ever runs. Storages are read from their offset
+  in the archive (torch stores them uncompressed) only when a tensor is read,
+  straight into the returned array when the tensor is contiguous. A `{'model': state_dict}` wrapper as DeiT ships it is
   unwrapped (keys `model`, `state_dict`, `model_ema`, in that order).
 - big_vision / AugReg `.npz`: `np.load(allow_pickle=False)`, keys as stored
   (`params/Transformer/encoderblock_0/...`).
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import pickle
 import struct
@@ -299,7 +298,7 @@ def _pick_state_dict(obj, path: str) -> dict:
 
 
 class TorchZipSource(TensorSource):
-  """A PyTorch `torch.save` zip archive (torch >= 1.6) read with a restricted unpickler and mmap."""
+  """A PyTorch `torch.save` zip archive (torch >= 1.6) read with a restricted unpickler, tensors read lazily."""
 
   def __init__(self, path: str):
     self.path, self.format = path, "torch"
@@ -330,21 +329,20 @@ class TorchZipSource(TensorSource):
       if isinstance(v, LazyTensor):
         self._tensors[str(k)] = v
     self._file = open(path, "rb")
-    self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-    self._offsets: dict[str, int] = {}
+    self._offsets: dict[str, int | None] = {}
 
-  def _storage_bytes(self, ref: _StorageRef) -> memoryview:
+  def _storage_start(self, ref: _StorageRef) -> int | None:
+    """File offset of a storage's bytes (None when the archive compressed it)."""
     name = f"{self._prefix}data/{ref.key}"
-    info = self._zip.getinfo(name)
-    nbytes = ref.numel * ref.dtype.itemsize
-    if info.compress_type != zipfile.ZIP_STORED:
-      return memoryview(self._zip.read(name))[:nbytes]
-    if name not in self._offsets:  # the data follow the local file header (30 bytes + name + extra)
-      h = self._mmap[info.header_offset : info.header_offset + 30]
-      name_len, extra_len = struct.unpack("<HH", h[26:30])
-      self._offsets[name] = info.header_offset + 30 + name_len + extra_len
-    start = self._offsets[name]
-    return memoryview(self._mmap)[start : start + nbytes]
+    if name not in self._offsets:
+      info = self._zip.getinfo(name)
+      if info.compress_type != zipfile.ZIP_STORED:
+        self._offsets[name] = None
+      else:  # the data follow the local file header (30 bytes + name + extra field)
+        self._file.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", self._file.read(4))
+        self._offsets[name] = info.header_offset + 30 + name_len + extra_len
+    return self._offsets[name]
 
   def keys(self):
     return list(self._tensors)
@@ -357,20 +355,30 @@ class TorchZipSource(TensorSource):
 
   def get(self, key):
     t = self._tensors[key]
-    flat = np.frombuffer(self._storage_bytes(t.storage), dtype=t.dtype)
     item = t.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(
-      flat[t.offset :], shape=t.shape, strides=tuple(s * item for s in t.stride), writeable=False
-    )
-    return np.array(view)  # a copy: the mmap may be closed later
+    shape = tuple(int(d) for d in t.shape)
+    extent = 1 + sum((d - 1) * st for d, st in zip(shape, t.stride)) if all(shape) else 0
+    if extent > t.storage.numel - t.offset:
+      raise ReadError(f"{self.path}: tensor {key} reaches past its storage")
+    contiguous = tuple(t.stride) == tuple(int(np.prod(shape[i + 1 :])) for i in range(len(shape)))
+    start = self._storage_start(t.storage)
+    if start is None:  # compressed entry (torch never writes these): read the storage whole
+      raw = self._zip.read(f"{self._prefix}data/{t.storage.key}")
+      buf = np.frombuffer(raw, dtype=t.dtype, count=t.storage.numel)[t.offset : t.offset + extent]
+    else:
+      buf = np.empty(extent, t.dtype)
+      self._file.seek(start + t.offset * item)
+      if self._file.readinto(memoryview(buf.view(np.uint8))) != buf.nbytes:
+        raise ReadError(f"{self.path}: archive ends inside tensor {key}")
+      if contiguous:
+        return buf.reshape(shape)
+    view = np.lib.stride_tricks.as_strided(buf, shape=shape, strides=tuple(st * item for st in t.stride))
+    return np.array(view)
 
   def close(self):
-    for obj in (getattr(self, "_mmap", None), getattr(self, "_file", None), getattr(self, "_zip", None)):
+    for obj in (getattr(self, "_file", None), getattr(self, "_zip", None)):
       if obj is not None:
-        try:
-          obj.close()
-        except (BufferError, ValueError):
-          pass
+        obj.close()
 
 
 # ----------------------------------------------------------------------------
