@@ -317,16 +317,16 @@ def load(path: str, step: int | None = None, sharding=None) -> Loaded:
     target = abstract_weights(meta, sharding)
   except Exception as e:
     raise CheckpointError(f"{path}: cannot rebuild the model from its meta ({e})") from e
-  mngr = ocp.CheckpointManager(cdir, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
-                               item_names=("weights", "opt_state", "meta"))
+  # The weights item alone, through a plain checkpointer: a read-only CheckpointManager would log two warnings
+  # on every load, and nothing here needs the manager's step bookkeeping.
+  ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(weights=ocp.args.StandardRestore(target)))
+    weights = ckptr.restore(os.path.join(cdir, str(step), "weights"), args=ocp.args.StandardRestore(target))
   except Exception as e:
     raise CheckpointError(f"{path} (step {step}): weights do not match the model its meta describes "
                           f"({str(e).splitlines()[0][:300]})") from e
   finally:
-    mngr.close()
-  weights = restored["weights"]
+    ckptr.close()
   module = build.model(meta["model"], meta["data"]["num_classes"])
   param = build.parameterization(meta.get("parameterization"), meta["model"])
   return Loaded(path=os.path.dirname(cdir) if cdir.endswith(CKPT_SUBDIR) else cdir, step=step, meta=meta,
