@@ -14,11 +14,13 @@ every variant alike); each prints its rounds, the median and the range:
    (`train_batch` + `put_batch` on the main thread).
 3. The train step of ViT-Ti and ViT-S at 224x224 (16x16 patches, 1000 classes, float32) on this machine,
    the rate the input has to keep up with here.
-4. Where the input would stop keeping up with a GPU: the per-worker rate of (1) against training rates
-   derived from the DeiT paper's V100 throughput (see GPU_TRAIN_IMAGES_PER_S).
+4. Where the input would stop keeping up with a GPU: the host CPU time per example of (1) (process time,
+   which other processes' load barely changes) against training rates derived from the DeiT paper's V100
+   throughput (see GPU_TRAIN_IMAGES_PER_S): the cores (= workers) needed to feed one GPU.
 
     python benchmarks/input_pipeline.py                  # all four, defaults below
     python benchmarks/input_pipeline.py --skip_vit --repeats 5
+    python benchmarks/input_pipeline.py --sections 2 --repeats 7   # only the digits overhead
 """
 
 from __future__ import annotations
@@ -241,6 +243,7 @@ def main():
 
   sections = set(a.sections.split(","))
   med: dict[int, float] = {}
+  cpu_per_example = 0.0
   if "1" in sections:
     t = time.perf_counter()
     rows = jpeg_examples(a.images, a.min_side, a.max_side)
@@ -257,6 +260,13 @@ def main():
       for w in workers:
         rates[w].append(time_pipeline(ds, w, a.batch, a.batches, seed=r))
     med = {w: summary(f"workers={w}", rates[w], "examples/s") for w in workers}
+    cpu_ms = []
+    for r in range(a.repeats):  # CPU time of the host work per example: little affected by other processes
+      t_cpu = time.process_time()
+      for step in range(a.batches):
+        ds.train_batch(step, a.batch, r)
+      cpu_ms.append((time.process_time() - t_cpu) / (a.batches * a.batch) * 1e3)
+    cpu_per_example = summary("host CPU time per example", cpu_ms, "ms") / 1e3
 
   if "2" in sections:
     print(f"\n2. Digits ViT (default config, batch 64), {a.digits_steps} steps per round")
@@ -296,11 +306,10 @@ def main():
 
   if "4" in sections and med:
     print("\n4. Against a GPU (DeiT paper V100 figures / 3 for a training step):")
-    per_worker = med.get(1) or med[max(med)]
     for size, gpu in GPU_TRAIN_IMAGES_PER_S.items():
       print(
-        f"  ViT-{size}: ~{gpu:.0f} images/s per V100 -> about {gpu / per_worker:.0f} workers at "
-        f"{per_worker:.1f} images/s each (measured with 1 worker here)"
+        f"  ViT-{size}: ~{gpu:.0f} images/s per V100 needs {gpu * cpu_per_example:.1f} CPU cores of host "
+        f"preprocessing at {cpu_per_example * 1e3:.1f} ms CPU per image (workers >= that many, one core each)"
       )
 
 
