@@ -262,3 +262,32 @@ def test_validate_names_the_key_and_the_path(tmp_path):
     validate.check_checkpoints([("config.inputs", str(src))])
   validate.check_paths(str(tmp_path / "w"), [("config.checkpoint", str(src))])  # a sibling is fine
   assert not (tmp_path / "w").exists()  # checking writes nothing
+
+
+def test_failure_keeps_what_has_value_and_puts_the_record_back(tmp_path):
+  """After a failed start: a new workdir with finished pipeline stages stays; a new one with nothing of value
+  goes; an existing one whose checkpoints did not change gets its previous record back."""
+  from jaxlab import main
+
+  stages = tmp_path / "pipeline"
+  snap = main._Snapshot(str(stages))
+  (stages / "pretrain" / "checkpoints" / "5" / "meta").mkdir(parents=True)
+  (stages / "config.json").write_text("{}")
+  snap.restore_after_failure()
+  assert (stages / "pretrain" / "checkpoints" / "5" / "meta").is_dir()
+
+  fresh = tmp_path / "fresh"
+  snap = main._Snapshot(str(fresh))
+  (fresh / "attempts" / "001").mkdir(parents=True)
+  (fresh / "config.json").write_text("{}")
+  snap.restore_after_failure()
+  assert not fresh.exists()
+
+  run = tmp_path / "run"
+  (run / "checkpoints" / "2" / "meta").mkdir(parents=True)
+  (run / "config.json").write_text('{"old": 1}')
+  snap = main._Snapshot(str(run))
+  (run / "config.json").write_text('{"new": 1}')
+  (run / "overrides.txt").write_text("--config.seed=1\n")
+  snap.restore_after_failure()
+  assert (run / "config.json").read_text() == '{"old": 1}' and not (run / "overrides.txt").exists()
