@@ -9,7 +9,7 @@ Each measurement runs in a fresh process (so peak RSS is its own), the variants 
 size, and peak RSS (and the peak minus the current RSS after imports, i.e. what the work itself added). Variants:
 
   jaxlab read+convert   `jobs.import_file` (safetensors -> stacked jaxlab tree in numpy, no hash)
-  jaxlab import job     the same plus the sha256 of the file and the Orbax checkpoint write
+  jaxlab import job     `jobs.run_import`: the same plus the sha256 of the file and the Orbax checkpoint write
   jaxlab export         load the checkpoint, unstack to timm names, write safetensors
   torch load_file       `safetensors.torch.load_file` (lazy: tensors over a memory map, pages read on use)
   torch load_clone      the same with every tensor cloned (materialized in memory, as jaxlab's import is)
@@ -96,8 +96,8 @@ t = time.perf_counter()
 if variant == "jaxlab_read_convert":
   imp = jobs.import_file(src, num_heads=12, compute_sha256=False)
 elif variant == "jaxlab_import_job":
-  imp = jobs.import_file(src, num_heads=12)
-  checkpoint.save_weights(os.path.join(work, "ckpt"), 0, imp.theta, imp.meta, imp.model_state)
+  import ml_collections
+  jobs.run_import(ml_collections.ConfigDict(dict(source=src, num_heads=12)), os.path.join(work, "ckpt"))
 elif variant == "jaxlab_export":
   loaded = checkpoint.load(os.path.join(work, "ckpt"))
   tensors, meta = jobs.export_tensors(loaded, "timm")

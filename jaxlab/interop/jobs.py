@@ -337,12 +337,16 @@ def run_import(config, workdir: str) -> dict:
     preprocessing=_preprocessing_options(config),
   )
   imp.meta["config"] = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else {}
-  checkpoint.save_weights(workdir, 0, imp.theta, imp.meta, imp.model_state)
+  # As jax arrays (on a CPU they alias the numpy buffers, no copy) Orbax writes with about one extra copy of
+  # the model in flight, against two for numpy inputs (measured for a ViT-B: +0.33 GB against +0.64 GB).
+  theta, model_state = jax.device_put(imp.theta), jax.device_put(imp.model_state)
+  imp.theta = imp.model_state = None
+  checkpoint.save_weights(workdir, 0, theta, imp.meta, model_state)
   prov = imp.meta["provenance"]["import"]
   return {
     "workdir": os.path.abspath(workdir),
     "family": prov["family"],
-    "params": trees.count(imp.theta),
+    "params": trees.count(theta),
     "model": json.dumps({k: v for k, v in imp.meta["model"].items() if v not in (0, 0.0, None, False)}),
   }
 
