@@ -293,10 +293,16 @@ class _Opened:
     self.pbar = None
     self.mngr = None
     self.writer = None
+    self.others: list = []  # more closers, called first (e.g. the input pipeline's workers)
 
   def close_after_error(self):
     if self.pbar is not None:
       self.pbar.close()
+    for close in self.others:
+      try:
+        close()
+      except Exception:  # noqa: BLE001  (closing after a failure: the first error is the one to report)
+        logging.debug("closing after an error", exc_info=True)
     if self.mngr is not None:
       self.mngr.close(raise_errors=False)
     if self.writer is not None:
@@ -423,6 +429,7 @@ def _train_and_evaluate(config, workdir: str, opened: _Opened) -> dict[str, Any]
   pending: list = []
   batches = data.TrainBatches(dataset, config.data, start=start, total=total, batch_size=bs, seed=seed, mesh=mesh)
   tracer = profiling.StepTracer(workdir, int(config.get("profile_steps", 0) or 0), start, total)
+  opened.others += [batches.close, lambda: tracer.close(state)]  # input workers, profiler: also on an error
   try:
     for step in range(start, total):
       tracer.step(step, state)  # config.profile_steps: jax.profiler trace of a few steps
