@@ -8,8 +8,9 @@ temporary directory as `model.safetensors` + `config.json` in the Llama layout, 
 as a model (hidden 768, 12 layers, MLP 2048 x 3 matrices, vocab 1000: 86.5M parameters, the size of a
 ViT-B/16). Every tool reads the same files and writes the merge as safetensors:
 
-  jaxlab    `jaxlab.transforms.merging` (the transforms' own code path) over a lazy sequence that reads one
-            whole file per index (`safetensors.numpy`): one pass for task arithmetic, two for TIES
+  jaxlab          `jaxlab.transforms.merging` (the transforms' own code path) over a lazy sequence that reads
+                  one whole file per index (`safetensors.numpy`): one pass for task arithmetic, two for TIES
+  jaxlab_tensors  the same kernels one tensor at a time (`merging.merge_tensorwise`), reading single tensors
   numpy     plain numpy, tensor by tensor across the N + 1 files (the TIES reference formula)
   mergekit  `mergekit.merge.run_merge` with `ties` / `task_arithmetic` (when `mergekit` imports; the
             `bench` extra), on the CPU
@@ -133,6 +134,27 @@ def run_jaxlab(method: str, dirs: list[str], out: str) -> None:
   save_file({k: np.asarray(v) for k, v in res.theta.items()}, out)
 
 
+def run_jaxlab_tensors(method: str, dirs: list[str], out: str) -> None:
+  """jaxlab's kernels one tensor at a time (`merging.merge_tensorwise`), reading single tensors from the files."""
+  from safetensors import safe_open
+  from safetensors.numpy import save_file
+
+  from jaxlab.transforms import merging
+
+  files = [safe_open(os.path.join(d, "model.safetensors"), framework="numpy") for d in dirs]
+  kw = dict(method="magnitude", density=str(DENSITY), consensus=True, normalize=True) if method == "ties" else {}
+  merged = merging.merge_tensorwise(
+    lambda i, name: files[i + 1].get_tensor(name),
+    files[0].get_tensor,
+    list(files[0].keys()),
+    len(files) - 1,
+    weights="",
+    lam="1.0",
+    **kw,
+  )
+  save_file(merged, out)
+
+
 def run_numpy(method: str, dirs: list[str], out: str) -> None:
   """Tensor by tensor: reads one tensor of each of the N + 1 files, merges it, keeps the merged tensor."""
   from safetensors import safe_open
@@ -183,7 +205,7 @@ def run_mergekit(method: str, dirs: list[str], out: str) -> None:
     os.replace(os.path.join(out_dir, shards[0]), out)
 
 
-TOOLS = {"jaxlab": run_jaxlab, "numpy": run_numpy, "mergekit": run_mergekit}
+TOOLS = {"jaxlab": run_jaxlab, "jaxlab_tensors": run_jaxlab_tensors, "numpy": run_numpy, "mergekit": run_mergekit}
 
 
 def child(tool: str, method: str, root: str, out: str) -> dict:
@@ -225,7 +247,7 @@ def main() -> None:
   ap.add_argument("--size", choices=sorted(SIZES), default="vitb")
   ap.add_argument("--models", type=int, default=8)
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--tools", default="jaxlab,numpy,mergekit")
+  ap.add_argument("--tools", default="jaxlab,jaxlab_tensors,numpy,mergekit")
   ap.add_argument("--methods", default=",".join(METHODS))
   ap.add_argument("--dir", default="", help="directory for the model files (default: a temporary one)")
   ap.add_argument("--json", default="", help="write the results here")

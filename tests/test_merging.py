@@ -488,7 +488,7 @@ def test_merging_pipeline_smoke(tmp_path):
     "model_stock",
   }
   for r in res["rows"]:
-    assert set(r["accs"]) == {"identity", "invert", "rot90"}
+    assert set(r["accs"]) == {"mixed", "invert", "rot90"}
     if r.get("scale_search"):
       best = max(r["scale_search"], key=lambda x: x["heldout_mean"])
       assert float(r["args"]["scale"]) == best["scale"] and best["scale"] in (0.5, 1.0)
@@ -501,3 +501,44 @@ def test_merging_pipeline_smoke(tmp_path):
     seed_dir / "pretrain"
   )
   assert os.path.exists(wd / "results.md") and os.path.exists(wd / "merging.png")
+
+
+def test_tensorwise_equals_model_streaming(world):
+  """merge_tensorwise (one tensor of every input at a time) = the transforms (one model at a time)."""
+  b, fs = trees.flatten(world["base"]), [trees.flatten(f) for f in world["fts"]]
+  for name, args, kw in (
+    (
+      "ties_merge",
+      {"density": 0.3, "scale": 0.7, "layer_leaves": ""},
+      dict(method="magnitude", density="0.3", lam="0.7", consensus=True, normalize=True),
+    ),
+    ("dare", {"density": 0.5, "seed": 2, "layer_leaves": ""}, dict(method="random", density="0.5", seed=2, lam="1.0")),
+  ):
+    want = trees.flatten(transforms.apply(name, world["paths"], args).theta)
+    got = merging.merge_tensorwise(lambda i, n: fs[i][n], b.__getitem__, list(b), len(fs), weights="", **kw)
+    for n in b:
+      np.testing.assert_allclose(got[n], np.asarray(want[n]), atol=1e-6, err_msg=(name, n))
+
+
+def test_digit_tasks_are_fixed_transformations_of_the_same_images():
+  from jaxlab.pipelines import merging as exp
+
+  plain = exp.build_task(ml_collections.ConfigDict({"name": "digits_task", "task": "identity"}))
+  x, y = plain.splits["test"].arrays["inputs"], plain.splits["test"].arrays["label"]
+  for task, fn in (
+    ("invert", lambda a: 1 - a),
+    ("rot90", lambda a: np.rot90(a, 1, (1, 2))),
+    ("flip", lambda a: a[:, :, ::-1]),
+  ):
+    ds = exp.build_task(ml_collections.ConfigDict({"name": "digits_task", "task": task}))
+    np.testing.assert_array_equal(ds.splits["test"].arrays["inputs"], fn(x))
+    np.testing.assert_array_equal(ds.splits["test"].arrays["label"], y)
+  perm = exp.build_task(ml_collections.ConfigDict({"name": "digits_task", "task": "permute"})).splits["test"]
+  np.testing.assert_array_equal(
+    np.sort(perm.arrays["inputs"].reshape(len(x), -1), 1), np.sort(x.reshape(len(x), -1), 1)
+  )
+  mixed = exp.build_task(ml_collections.ConfigDict({"name": "digits_task", "task": "mixed"})).splits["test"]
+  which = np.random.default_rng(5).integers(0, 5, len(x))
+  np.testing.assert_array_equal(mixed.arrays["inputs"][which == 1], 1 - x[which == 1])
+  with pytest.raises(ValueError, match="config.data.task: unknown task 'nope'"):
+    exp.build_task(ml_collections.ConfigDict({"name": "digits_task", "task": "nope"}))

@@ -1,11 +1,12 @@
 """The model-merging experiment: one pre-trained model, fine-tunes on conflicting digit tasks, merges compared.
 
-Tasks are the digits under a fixed input transformation (`digits_task`, registered here): the model is
-pre-trained on the plain images (`merging.pretrain_task`) and fine-tuned separately on each of
-`merging.tasks` (inverted intensities, rotated by 90 degrees, mirrored, a fixed pixel permutation). All
-share the 10 labels and the head, and each transformation needs different features, so a fine-tune on
-one does poorly on the others: the tasks interfere, the setting in which TIES and DARE claim to beat task
-arithmetic.
+Tasks are the digits under a fixed input transformation (`digits_task`, registered here): inverted
+intensities, rotated by 90 degrees, mirrored, a fixed pixel permutation (`merging.tasks`). The model is
+pre-trained on `merging.pretrain_task` (default `mixed`: every image under one of the transformations or
+none, fixed per image, so it knows every task a little) and fine-tuned separately on each task. Each
+transformation needs different features, so a fine-tune on one does poorly on the others: the tasks
+interfere, the setting in which TIES and DARE claim to beat task arithmetic. As in the papers, a merge is
+evaluated on task t with the classification head of t's fine-tune (`merging.task_heads`).
 
 Stages per seed (sub-workdirs of `seed_<s>/`; finished stages are skipped on re-run):
   pretrain/            trained from scratch on `pretrain_task`
@@ -124,19 +125,21 @@ class TaskEvaluator:
     self.datasets = {t: build_task(ml_collections.ConfigDict({**data_cfg.to_dict(), "task": t})) for t in tasks}
     self._ev = {}
 
-  def __call__(self, module, params, model_state, splits=SPLITS) -> dict[str, dict[str, float]]:
+  def __call__(self, module, params, model_state, splits=SPLITS, heads=None) -> dict[str, dict[str, float]]:
+    """`heads`: optional `{task: head params}`; task t is then evaluated with `params['head'] = heads[t]`."""
     out = {}
     for t in self.tasks:
       out[t] = {}
+      p = {**params, "head": heads[t]} if heads and t in heads else params
       for s in splits:
         if (t, s) not in self._ev:
           self._ev[(t, s)] = soups.Evaluator(module, self.datasets[t], s)
-        out[t][s] = self._ev[(t, s)](params, model_state)
+        out[t][s] = self._ev[(t, s)](p, model_state)
     return out
 
-  def path(self, path: str) -> dict[str, dict[str, float]]:
+  def path(self, path: str, heads=None) -> dict[str, dict[str, float]]:
     ld = checkpoint.load(path)
-    return self(ld.module, ld.params, ld.model_state)
+    return self(ld.module, ld.params, ld.model_state, heads=heads)
 
 
 def _transform(workdir: str, name: str, transform: str, inputs: list[str], args: dict) -> dict:
@@ -166,8 +169,8 @@ def merge_specs(mc) -> list[tuple[str, str, dict, bool]]:
   ]
 
 
-def _mean_acc(accs: dict, split: str) -> float:
-  return float(np.mean([a[split] for a in accs.values()]))
+def _mean_acc(accs: dict, split: str, tasks) -> float:
+  return float(np.mean([accs[t][split] for t in tasks]))
 
 
 def run_seed(config, workdir: str, seed: int, evaluator: TaskEvaluator) -> list[dict]:
@@ -206,14 +209,16 @@ def run_seed(config, workdir: str, seed: int, evaluator: TaskEvaluator) -> list[
       {"name": f"ft_{task}", "kind": "fine-tune", "task": task, "seed": seed, "accs": evaluator.path(paths[-1])}
     )
   module = checkpoint.load(pre_path).module
+  # as in the papers, each task keeps its own fine-tune's classification head; the rest is merged
+  heads = {t: checkpoint.load(p).params["head"] for t, p in zip(mc.tasks, paths)} if mc.task_heads else None
   for name, transform, args, search in merge_specs(mc):
     search_log = []
     if search:  # in memory: the scale with the best mean held-out accuracy over the tasks
       for s in mc.scales:
         out = transforms.apply(transform, paths, {**args, "scale": str(s)})
         params = out.theta  # identity parameterization (plain fine-tunes)
-        acc = evaluator(module, params, out.model_state, ("heldout",))
-        search_log.append({"scale": float(s), "heldout_mean": _mean_acc(acc, "heldout")})
+        acc = evaluator(module, params, out.model_state, ("heldout",), heads=heads)
+        search_log.append({"scale": float(s), "heldout_mean": _mean_acc(acc, "heldout", mc.tasks)})
       best = max(search_log, key=lambda r: r["heldout_mean"])  # first best on ties: the smallest scale
       args = {**args, "scale": str(best["scale"])}
     rec = _transform(wd, name, transform, paths, args)
@@ -226,7 +231,7 @@ def run_seed(config, workdir: str, seed: int, evaluator: TaskEvaluator) -> list[
         "args": dict(args),
         "report": rec["report"],
         "scale_search": search_log,
-        "accs": evaluator.path(os.path.join(wd, name)),
+        "accs": evaluator.path(os.path.join(wd, name), heads=heads),
       }
     )
   return rows

@@ -167,7 +167,7 @@ class Layout:
   def of(cls, theta, layer_leaves: Sequence[str]) -> Layout:
     flat = trees.flatten(theta)
     names = [n for n, x in flat.items() if jnp.issubdtype(x.dtype, jnp.inexact)]
-    shapes = [tuple(np.shape(flat[n])) for n in names]
+    shapes = [tuple(flat[n].shape) for n in names]
     stacked = tuple(trees.first_match(n, layer_leaves) is not None and len(s) >= 1 for n, s in zip(names, shapes))
     return cls(names, shapes, [flat[n].dtype for n in names], stacked)
 
@@ -627,6 +627,48 @@ def generalized_task_arithmetic(
       mixed = acc
   out = _finish(base_leaves, mixed, lam_v, stacked=lay.stacked)
   return st.output(out, {"method": method, "consensus": consensus, "normalize": normalize})
+
+
+class _OneTensor:
+  """Inputs holding one named tensor each, read on demand (for `merge_tensorwise`)."""
+
+  def __init__(self, read, n: int, name: str):
+    self.read, self.n, self.name = read, n, name
+    self.paths = [f"input {i}" for i in range(n)]
+    self.metas = [{} for _ in range(n)]
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, i):
+    import types
+
+    return types.SimpleNamespace(theta={self.name: self.read(i, self.name)}, model_state={}, meta={})
+
+
+def merge_tensorwise(read, base_read, names: Sequence[str], n: int, **kw) -> dict[str, np.ndarray]:
+  """`generalized_task_arithmetic` one tensor at a time, for files that read single tensors (safetensors).
+
+  Memory: the merged tensors plus a few copies of one tensor, whatever N and the model size; the same
+  formulas, coefficient rules (matched against the tensor names) and DARE keys as the model-streaming path.
+
+  Args:
+    read: `read(i, name) -> array`, tensor `name` of input i (0 <= i < n).
+    base_read: `base_read(name) -> array`, the base's tensor.
+    names: the tensor names to merge.
+    n: number of inputs.
+    **kw: `generalized_task_arithmetic` arguments (weights, lam, method, density, ...); `layer_leaves`
+      default () (every tensor is one tensor of the model).
+
+  Returns:
+    `{name: merged numpy array}`.
+  """
+  kw.setdefault("layer_leaves", ())
+  out = {}
+  for name in names:
+    res = generalized_task_arithmetic(_OneTensor(read, n, name), base=None, base_theta={name: base_read(name)}, **kw)
+    out[name] = np.asarray(trees.flatten(res.theta)[name])
+  return out
 
 
 # ----------------------------------------------------------------------------
