@@ -2,7 +2,7 @@
 
     python benchmarks/interop.py                      # jaxlab only (CI venv)
     .venv-bench/bin/python benchmarks/interop.py      # next to safetensors.torch.load_file + torch.save
-    .venv-bench/bin/python benchmarks/interop.py --check_timm   # also: timm loads jaxlab's export, same logits
+    .venv-bench/bin/python benchmarks/interop.py --check_timm   # instead: timm loads jaxlab's exports, same logits
 
 Each measurement runs in a fresh process (so peak RSS is its own), the variants are interleaved and repeated
 (`--repeats`), and the table gives the median and the spread (min-max) of the wall seconds, GB/s of the file
@@ -21,6 +21,7 @@ Targets (issue 14): jaxlab import at least as fast as torch's load; peak RSS und
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -163,18 +164,17 @@ def main():
   work = tempfile.mkdtemp(dir=args.tmp)
   try:
     if args.check_timm:
-      check_timm(work)
-      if args.repeats == 0:
-        return
+      check_timm(work)  # only the check: with torch imported here, the children's peak RSS would be off
+      return
     src = os.path.join(work, "vit_b16.safetensors")
     n = write_vit_b(src)
     size = os.path.getsize(src)
     print(f"ViT-B/16 random weights: {n / 1e6:.1f}M parameters, file {size / 1e9:.3f} GB")
-    try:
-      import torch  # noqa: F401
-
+    # find_spec, not import: Linux keeps a process's peak RSS across fork + exec, so a parent holding torch would
+    # raise every child's measured peak to its own size
+    if importlib.util.find_spec("torch") is not None:
       peers = ["torch_load_file", "torch_load_clone", "torch_load_save"]
-    except ImportError:
+    else:
       peers = []
       print("torch not installed: jaxlab only (pip install -e .[bench] for the comparison)")
     variants = ["jaxlab_read_convert", "jaxlab_import_job", "jaxlab_export", *peers]
