@@ -21,6 +21,7 @@ every variant alike); each prints its rounds, the median and the range:
     python benchmarks/input_pipeline.py                  # all four, defaults below
     python benchmarks/input_pipeline.py --skip_vit --repeats 5
     python benchmarks/input_pipeline.py --sections 2 --repeats 7   # only the digits overhead
+    .venv-bench/bin/python benchmarks/input_pipeline.py --sections 5  # RandAugment ops vs timm (bench venv)
 """
 
 from __future__ import annotations
@@ -207,6 +208,41 @@ def vit_step_rate(size: str, batch: int, image: int, steps: int) -> float:
   return steps * batch / (time.perf_counter() - t)
 
 
+def randaugment_vs_timm(levels=(0.0, 3.0, 9.0, 10.0), draws: int = 40) -> list:
+  """Every RandAugment op of jaxlab against timm's `AugmentOp` on one image (needs the `bench` venv's timm).
+
+  Signed ops draw their sign at random, so each side is run with `draws` seeds and jaxlab's set of outputs
+  must lie inside timm's. Returns the mismatching (op, level) pairs; timm's own failures are printed.
+  """
+  import dataclasses
+  import random
+
+  from PIL import Image
+  from timm.data import auto_augment as aa
+
+  from jaxlab.data import randaugment as ra
+
+  img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 28, 3), dtype=np.uint8))
+  hp = dict(aa._HPARAMS_DEFAULT, img_mean=(125, 123, 114), interpolation=Image.BICUBIC)
+  spec = dataclasses.replace(ra.parse("rand-m9-mstd0.5-inc1"), resample=Image.BICUBIC, fill=(125, 123, 114))
+  bad = []
+  for name in sorted(set(ra.INCREASING_OPS) | set(ra.DEFAULT_OPS)):
+    for level in levels:
+      op = aa.AugmentOp(name, prob=1.0, magnitude=level, hparams=hp)
+      try:
+        theirs = set()
+        for s in range(draws):
+          random.seed(s)
+          theirs.add(np.asarray(op(img)).tobytes())
+      except ValueError as e:  # e.g. Pillow >= 11 refuses posterize to 0 bits, which timm's levels reach
+        print(f"  timm fails on {name} at magnitude {level}: {e}")
+        continue
+      mine = {np.asarray(ra._op(name, img, level, np.random.default_rng(s), spec)).tobytes() for s in range(draws)}
+      if not mine <= theirs:
+        bad.append((name, level))
+  return bad
+
+
 def summary(name: str, values: list[float], unit: str) -> float:
   med = statistics.median(values)
   print(
@@ -303,6 +339,11 @@ def main():
     for size, rate in step_rate.items():
       verdict = "keeps up" if best >= rate else "is the bottleneck"
       print(f"  ViT-{size}: the input ({best:.1f} ex/s at its best worker count) {verdict} (step {rate:.1f} ex/s)")
+
+  if "5" in sections:
+    print("\n5. RandAugment ops against timm's (pixel-exact, 21 ops x 4 magnitudes):")
+    bad = randaugment_vs_timm()
+    print(f"  mismatches: {bad if bad else 'none'}")
 
   if "4" in sections and med:
     print("\n4. Against a GPU (DeiT paper V100 figures / 3 for a training step):")

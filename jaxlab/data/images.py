@@ -19,6 +19,7 @@ Outputs stay uint8 [S, S, C]; normalisation runs on the device (`Dataset.device_
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -228,7 +229,12 @@ class TrainTransform:
   def __init__(self, settings: dict, image_key: str = "image", label_key: str = "label"):
     self.s = dict(settings)
     self.image_key, self.label_key = image_key, label_key
-    self.ra = randaugment.parse(self.s["randaugment"]) if self.s["randaugment"] else None
+    self.ra = None
+    if self.s["randaugment"]:  # as timm's create_transform: the pipeline's filter and mean for the geometric ops
+      fill = tuple(min(255, round(255 * v)) for v in per_channel(self.s["mean"], 3, "mean"))
+      self.ra = dataclasses.replace(
+        randaugment.parse(self.s["randaugment"]), fill=fill, resample=INTERPOLATIONS[self.s["interpolation"]]
+      )
 
   def image(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     s = self.s

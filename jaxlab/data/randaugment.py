@@ -64,6 +64,8 @@ class RandAugmentSpec:
   magnitude_std: float = 0.0
   ops: tuple[str, ...] = DEFAULT_OPS
   prob: float = 0.5
+  resample: int | None = None  # PIL filter of geometric ops; None = bilinear or bicubic at random (timm's default)
+  fill: tuple[int, int, int] = FILL  # colour of uncovered pixels (timm: the normalisation mean in uint8)
 
 
 def parse(spec: str) -> RandAugmentSpec:
@@ -102,13 +104,18 @@ def _signed(v: float, rng) -> float:
   return -v if rng.random() < 0.5 else v
 
 
-def _affine(img, matrix, rng):
-  resample = Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC  # timm picks one at random
-  return img.transform(img.size, Image.AFFINE, matrix, resample=resample, fillcolor=_fill(img))
+def _resample(rng, spec):
+  if spec.resample is not None:  # timm: create_transform passes the pipeline's interpolation to the ops
+    return spec.resample
+  return Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC  # timm's default picks one at random
 
 
-def _fill(img):
-  return FILL if img.mode == "RGB" else FILL[0]
+def _affine(img, matrix, rng, spec):
+  return img.transform(img.size, Image.AFFINE, matrix, resample=_resample(rng, spec), fillcolor=_fill(img, spec))
+
+
+def _fill(img, spec):
+  return tuple(spec.fill) if img.mode == "RGB" else spec.fill[0]
 
 
 def _solarize_add(img, add: int, thresh: int = 128):
@@ -124,7 +131,8 @@ def _posterize(img, bits: int):
   return img.point([i & mask for i in range(256)] * len(img.getbands()))
 
 
-def _op(name: str, img: Image.Image, level: float, rng) -> Image.Image:
+def _op(name: str, img: Image.Image, level: float, rng, spec: RandAugmentSpec | None = None) -> Image.Image:
+  spec = spec or RandAugmentSpec()
   f = level / MAX_LEVEL
   w, h = img.size
   if name == "AutoContrast":
@@ -134,8 +142,8 @@ def _op(name: str, img: Image.Image, level: float, rng) -> Image.Image:
   if name == "Invert":
     return ImageOps.invert(img)
   if name == "Rotate":
-    resample = Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC
-    return img.rotate(_signed(f * 30.0, rng), resample=resample, fillcolor=_fill(img))
+    angle = _signed(f * 30.0, rng)
+    return img.rotate(angle, resample=_resample(rng, spec), fillcolor=_fill(img, spec))
   if name == "Posterize":
     return _posterize(img, int(f * 4))
   if name == "PosterizeIncreasing":
@@ -157,13 +165,13 @@ def _op(name: str, img: Image.Image, level: float, rng) -> Image.Image:
   if name.endswith("Increasing") and name[: -len("Increasing")] in enhancers:
     return enhancers[name[: -len("Increasing")]](img).enhance(max(0.1, 1.0 + _signed(f * 0.9, rng)))
   if name == "ShearX":
-    return _affine(img, (1, _signed(f * 0.3, rng), 0, 0, 1, 0), rng)
+    return _affine(img, (1, _signed(f * 0.3, rng), 0, 0, 1, 0), rng, spec)
   if name == "ShearY":
-    return _affine(img, (1, 0, 0, _signed(f * 0.3, rng), 1, 0), rng)
+    return _affine(img, (1, 0, 0, _signed(f * 0.3, rng), 1, 0), rng, spec)
   if name == "TranslateXRel":
-    return _affine(img, (1, 0, _signed(f * TRANSLATE_PCT, rng) * w, 0, 1, 0), rng)
+    return _affine(img, (1, 0, _signed(f * TRANSLATE_PCT, rng) * w, 0, 1, 0), rng, spec)
   if name == "TranslateYRel":
-    return _affine(img, (1, 0, 0, 0, 1, _signed(f * TRANSLATE_PCT, rng) * h), rng)
+    return _affine(img, (1, 0, 0, 0, 1, _signed(f * TRANSLATE_PCT, rng) * h), rng, spec)
   raise ValueError(f"randaugment: unknown op {name!r}")
 
 
@@ -175,5 +183,5 @@ def apply(img: Image.Image, spec: RandAugmentSpec, rng: np.random.Generator) -> 
     level = spec.magnitude
     if spec.magnitude_std > 0:
       level = float(np.clip(rng.normal(level, spec.magnitude_std), 0.0, MAX_LEVEL))
-    img = _op(str(name), img, level, rng)
+    img = _op(str(name), img, level, rng, spec)
   return img
