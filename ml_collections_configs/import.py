@@ -38,6 +38,10 @@ def get_config(arg=None):
   c.preprocessing.std = ()
   c.preprocessing.interpolation = ""
   c.preprocessing.crop_pct = 0.0
+  c.data = ml_collections.ConfigDict()  # optional: the model's data set, recorded in meta (evaluate job default)
+  c.data.name = ""  # e.g. 'tfds'
+  c.data.tfds_name = ""  # e.g. 'imagenet2012' (prepared with `tfds build`)
+  c.data.data_dir = ""  # tfds data_dir ('' = tfds default)
   if arg == "smoke":
     c.source = os.path.join(FIXTURES, "vit_token.safetensors")
     c.num_heads = 2

@@ -397,3 +397,34 @@ def test_torch_reader_views_sharing_a_storage_half_bfloat16_and_scalars():
       got = src.get(k)
       assert got.shape == REF[f"views_{k}"].shape, k
       assert np.array_equal(got.astype(np.float32), REF[f"views_{k}"]), k
+
+
+def test_evaluate_job_on_an_imported_model_with_its_recorded_data_set(tmp_path):
+  """import.py with data.name/tfds_name records the data set; the evaluate job then needs only the checkpoint."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import importlib.util
+
+  from jaxlab import main
+
+  def config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "ml_collections_configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config("smoke" if name == "import" else None)
+
+  imp = config("import")
+  imp.data.name, imp.data.tfds_name = "tfds", "tf_flowers"
+  main.run(imp, str(tmp_path / "imported"))
+  ev = config("evaluate")
+  ev.checkpoint, ev.splits, ev.batch_size = str(tmp_path / "imported"), ("train",), 4
+  (tmp_path / "eval").mkdir()
+  from jaxlab import data
+
+  meta = checkpoint.load_meta(str(tmp_path / "imported"))
+  assert meta["data"]["config"] == {"name": "tfds", "tfds_name": "tf_flowers"}
+  with tfds.testing.mock_data(num_examples=10):
+    out = main.run(ev, str(tmp_path / "eval"))
+    n = data.get_dataset(meta["data"]["config"], meta).num_examples("train")
+  report = json.load(open(tmp_path / "eval" / "eval.json"))
+  assert report["metrics"]["train"]["count"] == n > 0
+  assert 0.0 <= out["train_accuracy"] <= 1.0
