@@ -1,7 +1,7 @@
 """Examples/s of the training input pipeline, next to the train step it has to feed.
 
-Four measurements, each repeated `--repeats` times in interleaved rounds (so load from other processes hits
-every variant alike); each prints its rounds, the median and the range:
+Four measurements (and a cross-check), each repeated `--repeats` times in interleaved rounds (so load from
+other processes hits every variant alike); each prints its rounds, the median and the range:
 
 1. DeiT input at 224x224: JPEG-encoded images of varied sizes (generated here: smooth random colour fields
    plus noise, sides uniform in [--min_side, --max_side], PIL JPEG quality 90, like ImageNet files) read
@@ -17,6 +17,8 @@ every variant alike); each prints its rounds, the median and the range:
 4. Where the input would stop keeping up with a GPU: the host CPU time per example of (1) (process time,
    which other processes' load barely changes) against training rates derived from the DeiT paper's V100
    throughput (see GPU_TRAIN_IMAGES_PER_S): the cores (= workers) needed to feed one GPU.
+5. (`--sections 5`, bench venv only) a cross-check against timm: every RandAugment op pixel-exact against
+   timm's `AugmentOp`, and the eval resize + center crop against timm's eval transform.
 
     python benchmarks/input_pipeline.py                  # all four, defaults below
     python benchmarks/input_pipeline.py --skip_vit --repeats 5
@@ -243,6 +245,26 @@ def randaugment_vs_timm(levels=(0.0, 3.0, 9.0, 10.0), draws: int = 40) -> list:
   return bad
 
 
+def eval_crop_vs_timm(size: int = 224, crop_pct: float = 0.875, shapes=((375, 500), (500, 333), (224, 224), (97, 310))):
+  """jaxlab's eval resize + center crop against timm's eval transform (its Resize and CenterCrop on PIL)."""
+  from PIL import Image
+  from timm.data import create_transform
+
+  from jaxlab.data import images
+
+  tf = create_transform(size, is_training=False, interpolation="bicubic", crop_pct=crop_pct)
+  resize_crop = tf.transforms[:2]  # Resize, CenterCrop (then ToTensor, Normalize)
+  worst = 0
+  for h, w in shapes:
+    x = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    theirs = Image.fromarray(x)
+    for t in resize_crop:
+      theirs = t(theirs)
+    mine = images.eval_resize_crop(x, size, crop_pct, "bicubic")
+    worst = max(worst, int(np.abs(np.asarray(theirs).astype(int) - mine.astype(int)).max()))
+  return worst
+
+
 def summary(name: str, values: list[float], unit: str) -> float:
   med = statistics.median(values)
   print(
@@ -341,9 +363,11 @@ def main():
       print(f"  ViT-{size}: the input ({best:.1f} ex/s at its best worker count) {verdict} (step {rate:.1f} ex/s)")
 
   if "5" in sections:
-    print("\n5. RandAugment ops against timm's (pixel-exact, 21 ops x 4 magnitudes):")
+    print("\n5. Against timm: RandAugment ops (pixel-exact, 21 ops x 4 magnitudes) and the eval crop:")
     bad = randaugment_vs_timm()
     print(f"  mismatches: {bad if bad else 'none'}")
+    worst = eval_crop_vs_timm()
+    print(f"  eval resize + center crop (224, crop_pct 0.875, bicubic) vs timm's: max pixel difference {worst}")
 
   if "4" in sections and med:
     print("\n4. Against a GPU (DeiT paper V100 figures / 3 for a training step):")

@@ -91,7 +91,7 @@ def test_mock_images_of_varied_sizes_and_colour_modes_decode_resize_normalise():
   np.testing.assert_array_equal(g["inputs"][..., 0], g["inputs"][..., 2])  # gray copied to 3 channels
   # eval with crop_pct=1: shorter side resized to 24 with PIL bicubic, then the center 24 x 24
   h, w = first_eval.shape[:2]
-  nh, nw = (24, max(24, round(w * 24 / h))) if h <= w else (max(24, round(h * 24 / w)), 24)
+  nh, nw = (24, int(w * 24 / h)) if h <= w else (int(h * 24 / w), 24)  # torchvision Resize(int): long side truncated
   ref = np.asarray(Image.fromarray(first_eval).resize((nw, nh), Image.BICUBIC))
   top, left = round((nh - 24) / 2), round((nw - 24) / 2)
   np.testing.assert_array_equal(e["inputs"][0], ref[top : top + 24, left : left + 24])

@@ -208,15 +208,16 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, s
 
 
 def eval_resize_crop(x: np.ndarray, size: int, crop_pct: float, interpolation: str) -> np.ndarray:
-  """Resize the shorter side to `floor(size / crop_pct)` (timm's eval rule), then center crop `size`^2."""
+  """Resize the shorter side to `floor(size / crop_pct)` (timm's eval rule; the longer side truncated as
+  torchvision's `Resize(int)` does), then center crop `size`^2 (offsets rounded, as its `CenterCrop`)."""
   h, w = x.shape[:2]
   scale_size = math.floor(size / crop_pct)
   if (h, w) == (size, size) and scale_size == size:
     return x
   if h <= w:
-    nh, nw = scale_size, max(scale_size, int(round(w * scale_size / h)))
+    nh, nw = scale_size, max(scale_size, int(w * scale_size / h))
   else:
-    nh, nw = max(scale_size, int(round(h * scale_size / w))), scale_size
+    nh, nw = max(scale_size, int(h * scale_size / w)), scale_size
   img = _to_pil(x).resize((nw, nh), INTERPOLATIONS[interpolation])
   top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
   out = np.asarray(img.crop((left, top, left + size, top + size)))
