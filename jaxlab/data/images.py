@@ -251,7 +251,8 @@ class TrainTransform:
       img = _to_pil(padded[dy : dy + size, dx : dx + size])
     else:
       top, left, h, w = random_resized_crop_box(rng, x.shape[0], x.shape[1], s["rrc_scale"], s["rrc_ratio"])
-      img = _to_pil(x).resize((size, size), interp, box=(left, top, left + w, top + h))
+      # crop, then resize (torchvision's resized_crop; PIL's resize(box=...) would filter across the box edge)
+      img = _to_pil(x).crop((left, top, left + w, top + h)).resize((size, size), interp)
     if float(s["flip"]) > 0 and rng.random() < 0.5:
       img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if self.ra is not None:
