@@ -265,6 +265,24 @@ def eval_crop_vs_timm(size: int = 224, crop_pct: float = 0.875, shapes=((375, 50
   return worst
 
 
+def resized_crop_vs_torchvision(size: int = 224) -> int:
+  """jaxlab's train crop + resize against torchvision's `resized_crop` for the same boxes (max pixel diff)."""
+  from PIL import Image
+  from torchvision.transforms import InterpolationMode
+  from torchvision.transforms import functional as tvf
+
+  from jaxlab.data import images
+
+  img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+  rng, worst = np.random.default_rng(2), 0
+  for _ in range(8):
+    top, left, h, w = images.random_resized_crop_box(rng, 300, 400, (0.08, 1.0), (3 / 4, 4 / 3))
+    theirs = np.asarray(tvf.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BICUBIC))
+    mine = np.asarray(images.resized_crop(img, (top, left, h, w), size, Image.BICUBIC))
+    worst = max(worst, int(np.abs(theirs.astype(int) - mine.astype(int)).max()))
+  return worst
+
+
 def summary(name: str, values: list[float], unit: str) -> float:
   med = statistics.median(values)
   print(
@@ -368,6 +386,10 @@ def main():
     print(f"  mismatches: {bad if bad else 'none'}")
     worst = eval_crop_vs_timm()
     print(f"  eval resize + center crop (224, crop_pct 0.875, bicubic) vs timm's: max pixel difference {worst}")
+    worst = resized_crop_vs_torchvision()
+    print(
+      f"  train crop + resize (8 random boxes, bicubic) vs torchvision's resized_crop: max pixel difference {worst}"
+    )
 
   if "4" in sections and med:
     print("\n4. Against a GPU (DeiT paper V100 figures / 3 for a training step):")

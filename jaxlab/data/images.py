@@ -207,6 +207,13 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, s
   return (height - h) // 2, (width - w) // 2, h, w
 
 
+def resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: int, interp) -> Image.Image:
+  """Crop `box` = (top, left, h, w), then resize to `size`^2: torchvision's `resized_crop` on PIL images
+  (PIL's `resize(box=...)` would filter across the box edge and differ near it)."""
+  top, left, h, w = box
+  return img.crop((left, top, left + w, top + h)).resize((size, size), interp)
+
+
 def eval_resize_crop(x: np.ndarray, size: int, crop_pct: float, interpolation: str) -> np.ndarray:
   """Resize the shorter side to `floor(size / crop_pct)` (timm's eval rule; the longer side truncated as
   torchvision's `Resize(int)` does), then center crop `size`^2 (offsets rounded, as its `CenterCrop`)."""
@@ -251,8 +258,7 @@ class TrainTransform:
       img = _to_pil(padded[dy : dy + size, dx : dx + size])
     else:
       top, left, h, w = random_resized_crop_box(rng, x.shape[0], x.shape[1], s["rrc_scale"], s["rrc_ratio"])
-      # crop, then resize (torchvision's resized_crop; PIL's resize(box=...) would filter across the box edge)
-      img = _to_pil(x).crop((left, top, left + w, top + h)).resize((size, size), interp)
+      img = resized_crop(_to_pil(x), (top, left, h, w), size, interp)
     if float(s["flip"]) > 0 and rng.random() < 0.5:
       img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if self.ra is not None:
