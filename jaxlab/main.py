@@ -142,7 +142,19 @@ class _Snapshot:
 
 
 def run(config, workdir: str) -> dict:
-  """Runs the job that `config.job` names. Library entry point shared with tests and colabs."""
+  """Validates and runs the job that `config.job` names. Library entry point shared with tests and colabs.
+
+  Raises:
+    ValueError / OSError (CheckpointError, FileNotFoundError, PermissionError) naming the config key, flag or
+    file: from the validation pass (`jaxlab.validate.job`, nothing written yet) or from the job.
+  """
+  from jaxlab import validate
+  validate.job(config, workdir)
+  return _execute(config, workdir)
+
+
+def _execute(config, workdir: str) -> dict:
+  """Runs an already validated job, with the compilation cache its config asks for."""
   from jaxlab import compile_cache
   cache = config.get("compilation_cache", "") if config.get("job", "train") in ("train", "pipeline") else ""
   with compile_cache.enabled(cache, workdir):
@@ -267,7 +279,7 @@ def main(argv):
   attempt = None
   try:  # 2. record this attempt, 3. run
     attempt = record_run(config, workdir, sys.argv)
-    result = run(config, workdir)
+    result = _execute(config, workdir)
   except _USER_ERRORS as e:
     _finish_attempt(attempt, "error", _one_line(e))
     snapshot.restore_after_failure()
