@@ -182,7 +182,8 @@ def import_tree(
   """Builds the flat jaxlab tree (`collection/path` -> array) from a `TensorSource`, one tensor at a time.
 
   Stacked leaves are filled layer by layer into one preallocated array, so peak memory stays near the size of
-  the output. Leaves in `take_fresh` come from `fresh` (freshly initialised) instead of the file.
+  the output. Leaves in `take_fresh` come from `fresh` (freshly initialised) instead of the file. (Converting
+  entries on several threads was measured no faster on the shared 2-core machine, so this stays sequential.)
   """
   out = {}
   for e in entries:

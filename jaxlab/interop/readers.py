@@ -41,6 +41,17 @@ class ReadError(ValueError):
   """A checkpoint file that cannot be read (unknown format, corrupt, unsupported content)."""
 
 
+def _pread_into(file, out: np.ndarray, offset: int) -> int:
+  """Reads `out.nbytes` bytes at `offset` into `out` without moving the file position (safe across threads)."""
+  view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+  while done < len(view):
+    n = os.preadv(file.fileno(), [view[done:]], offset + done)
+    if n == 0:
+      break
+    done += n
+  return done
+
+
 class TensorSource:
   """A read-only map from tensor names to arrays, read lazily."""
 
@@ -153,8 +164,7 @@ class SafetensorsSource(TensorSource):
     out = np.empty(self.shape(key), self.dtype(key).newbyteorder("<"))
     if out.nbytes != end - start:
       raise ReadError(f"{self.path}: tensor {key} has {end - start} bytes for shape {list(out.shape)}")
-    self._file.seek(self._data_start + start)
-    if self._file.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+    if _pread_into(self._file, out, self._data_start + start) != out.nbytes:
       raise ReadError(f"{self.path}: file ends inside tensor {key}")
     return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
 
@@ -367,8 +377,7 @@ class TorchZipSource(TensorSource):
       buf = np.frombuffer(raw, dtype=t.dtype, count=t.storage.numel)[t.offset : t.offset + extent]
     else:
       buf = np.empty(extent, t.dtype)
-      self._file.seek(start + t.offset * item)
-      if self._file.readinto(memoryview(buf.view(np.uint8))) != buf.nbytes:
+      if _pread_into(self._file, buf, start + t.offset * item) != buf.nbytes:
         raise ReadError(f"{self.path}: archive ends inside tensor {key}")
       if contiguous:
         return buf.reshape(shape)
