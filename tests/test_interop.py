@@ -428,3 +428,17 @@ def test_evaluate_job_on_an_imported_model_with_its_recorded_data_set(tmp_path):
   report = json.load(open(tmp_path / "eval" / "eval.json"))
   assert report["metrics"]["train"]["count"] == n > 0
   assert 0.0 <= out["train_accuracy"] <= 1.0
+
+
+def test_a_headless_backbone_needs_a_fresh_head_explicitly(tmp_path):
+  t = load_file(os.path.join(FIX, "vit_avg.safetensors"))
+  del t["head.weight"], t["head.bias"]
+  path = str(tmp_path / "backbone.safetensors")
+  save_file(t, path)
+  with pytest.raises(ValueError, match=r"no classifier head; set config.num_classes and config.init_missing"):
+    jobs.import_file(path, num_heads=2)
+  with pytest.raises(names.NameMapError, match=r"2 missing: head.weight, head.bias"):
+    jobs.import_file(path, num_heads=2, num_classes=3)
+  imp = jobs.import_file(path, num_heads=2, num_classes=3, init_missing="params/head/.*", seed=1)
+  assert imp.theta["head"]["kernel"].shape == (24, 3)
+  assert np.array_equal(imp.theta["norm"]["scale"], t["fc_norm.weight"])  # fc_norm is jaxlab's pooled norm
