@@ -5,10 +5,15 @@
 
 `format=timm` writes timm's keys and shapes for a `vit` model (blocks unstacked, kernels transposed), and
 `export.json` in the workdir gives the `timm.create_model` arguments; load it in PyTorch with
-`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=out))`. Models timm cannot express
+`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=out, num_classes=K), **timm_kwargs)`
+(`export.json` has the exact call). Models timm cannot express
 (low-rank ViT, WRN) are refused for `timm`; `format=jaxlab` writes any checkpoint as a plain state dict with
 jaxlab's names and its meta, which the import job reads back bitwise. The smoke variant exports the
-checkpoint the import smoke run writes (give it with --config.checkpoint). See docs/interop.md.
+checkpoint the import smoke run writes to /tmp/jaxlab_import_smoke (or give --config.checkpoint):
+
+    python -m jaxlab.main --config=ml_collections_configs/export.py:smoke --workdir=/tmp/jaxlab_export_smoke
+
+See docs/interop.md.
 """
 
 import ml_collections

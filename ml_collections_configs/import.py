@@ -2,7 +2,7 @@
 
     python -m jaxlab.main --config=ml_collections_configs/import.py \
         --config.source=deit_small.safetensors --workdir=runs/deit_s
-    python -m jaxlab.main --config=ml_collections_configs/import.py:smoke --workdir=/tmp/imported
+    python -m jaxlab.main --config=ml_collections_configs/import.py:smoke --workdir=/tmp/jaxlab_import_smoke
 
 The model config (width, depth, patch and image size, pooling, class / distillation tokens, LayerScale,
 `no_embed_class`) is read off the tensors; heads default to width / 64. Any of it can be given. Strict:
