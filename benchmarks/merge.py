@@ -15,9 +15,10 @@ ViT-B/16). Every tool reads the same files and writes the merge as safetensors:
   mergekit  `mergekit.merge.run_merge` with `ties` / `task_arithmetic` (when `mergekit` imports; the
             `bench` extra), on the CPU
 
-Each run is a separate process (its own peak RSS, `ru_maxrss`); tools and methods are interleaved and
-repeated; the table gives the median and the spread (min-max) of wall time and peak RSS, and the largest
-difference between each tool's output and jaxlab's.
+Each run is a separate process; tools and methods are interleaved and repeated; the table gives the median
+and the spread (min-max) of wall time, of the peak anonymous RSS (sampled `RssAnon`: what the tool holds)
+and of the peak RSS (`ru_maxrss`, which also counts the pages of the memory-mapped input files every tool
+reads through safetensors), and the largest difference between each tool's output and jaxlab's.
 """
 
 from __future__ import annotations
@@ -208,15 +209,40 @@ def run_mergekit(method: str, dirs: list[str], out: str) -> None:
 TOOLS = {"jaxlab": run_jaxlab, "jaxlab_tensors": run_jaxlab_tensors, "numpy": run_numpy, "mergekit": run_mergekit}
 
 
+def _rss_anon_mb() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("RssAnon:"):
+        return int(line.split()[1]) / 1024
+  return float("nan")
+
+
 def child(tool: str, method: str, root: str, out: str) -> dict:
+  """Runs one merge; peak RSS (`ru_maxrss`: includes the pages of the memory-mapped safetensors files that
+  were read) and peak anonymous RSS (`RssAnon` sampled every 10 ms: the memory the tool itself holds)."""
+  import threading
+
   dirs = [os.path.join(root, "base")] + sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("ft_"))
+  peak = [_rss_anon_mb()]
+  done = threading.Event()
+
+  def sample():
+    while not done.wait(0.01):
+      peak[0] = max(peak[0], _rss_anon_mb())
+
+  thread = threading.Thread(target=sample, daemon=True)
+  thread.start()
   t0 = time.perf_counter()
   TOOLS[tool](method, dirs, out)
   wall = time.perf_counter() - t0
+  done.set()
+  thread.join()
+  peak[0] = max(peak[0], _rss_anon_mb())
   return {
     "tool": tool,
     "method": method,
     "wall_s": wall,
+    "peak_anon_mb": peak[0],
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
   }
 
@@ -294,13 +320,17 @@ def main() -> None:
             raise RuntimeError(f"{tool} {method} failed:\n{proc.stderr[-3000:]}")
           res = json.loads(proc.stdout.strip().splitlines()[-1])
           runs.append(res)
-          print(f"  repeat {r} {tool:9s} {method:16s} {res['wall_s']:7.2f} s  {res['peak_rss_mb']:8.0f} MB", flush=True)
+          print(
+            f"  repeat {r} {tool:14s} {method:16s} {res['wall_s']:7.2f} s  anon {res['peak_anon_mb']:6.0f} MB  "
+            f"rss {res['peak_rss_mb']:6.0f} MB",
+            flush=True,
+          )
     rows = []
     for method in methods:
       ref = os.path.join(root, f"out_jaxlab_{method}.safetensors")
       for tool in tools:
         rs = [x for x in runs if x["tool"] == tool and x["method"] == method]
-        w, m = [x["wall_s"] for x in rs], [x["peak_rss_mb"] for x in rs]
+        w, m, a = [x["wall_s"] for x in rs], [x["peak_rss_mb"] for x in rs], [x["peak_anon_mb"] for x in rs]
         out = os.path.join(root, f"out_{tool}_{method}.safetensors")
         diff = max_diff(ref, out) if "jaxlab" in tools and tool != "jaxlab" and os.path.exists(out) else None
         rows.append(
@@ -310,6 +340,9 @@ def main() -> None:
             "wall_s_median": statistics.median(w),
             "wall_s_min": min(w),
             "wall_s_max": max(w),
+            "peak_anon_mb_median": statistics.median(a),
+            "peak_anon_mb_min": min(a),
+            "peak_anon_mb_max": max(a),
             "peak_rss_mb_median": statistics.median(m),
             "peak_rss_mb_min": min(m),
             "peak_rss_mb_max": max(m),
@@ -317,12 +350,16 @@ def main() -> None:
             "repeats": len(rs),
           }
         )
-    print("\n| method | tool | wall s, median (min-max) | peak RSS MB, median (min-max) | max abs diff vs jaxlab |")
-    print("|---|---|---|---|---|")
+    print(
+      "\n| method | tool | wall s, median (min-max) | peak anonymous RSS MB, median (min-max) | "
+      "peak RSS MB incl. mapped files, median (min-max) | max abs diff vs jaxlab |"
+    )
+    print("|---|---|---|---|---|---|")
     for x in rows:
       d = "-" if x["max_abs_diff_vs_jaxlab"] is None else f"{x['max_abs_diff_vs_jaxlab']:.1e}"
       print(
         f"| {x['method']} | {x['tool']} | {x['wall_s_median']:.2f} ({x['wall_s_min']:.2f}-{x['wall_s_max']:.2f}) "
+        f"| {x['peak_anon_mb_median']:.0f} ({x['peak_anon_mb_min']:.0f}-{x['peak_anon_mb_max']:.0f}) "
         f"| {x['peak_rss_mb_median']:.0f} ({x['peak_rss_mb_min']:.0f}-{x['peak_rss_mb_max']:.0f}) | {d} |"
       )
     if args.json:

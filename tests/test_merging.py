@@ -455,6 +455,8 @@ def test_experiment_preconditions_claims_and_stats():
   assert agg["ties"]["avg_test"]["mean"] == pytest.approx(0.555)
   assert agg["ties"]["avg_test"]["std"] == pytest.approx(np.std([0.55, 0.56], ddof=1))
   assert agg["upper_bound"]["test"]["b"]["mean"] == pytest.approx(0.805)
+  exact = _rows({**accs, "pretrained": [0.2, 0.1], "ft_a": [0.3, 0.2]})  # 0.3 - 0.2 < 0.1 in floats
+  assert exp.preconditions(exact, ("a", "b"), (0, 1), mc)[0]["holds"]
   weak = _rows({**accs, "ft_b": [0.1, 0.15]})
   pre = exp.preconditions(weak, ("a", "b"), (0, 1), mc)
   assert not pre[1]["holds"]

@@ -491,8 +491,9 @@ class _Stream:
       )
 
   def base_leaves(self) -> list:
+    """The base's float leaves as device arrays (transferred once, not at every kernel call)."""
     flat = trees.flatten(self.base)
-    return [flat[n] for n in self.layout.names]
+    return [jnp.asarray(flat[n]) for n in self.layout.names]
 
   def output(self, leaves: list, report: dict) -> Output:
     theta = self.layout.unflatten_like(self.base if self.base is not None else self.theta0, leaves)
@@ -602,6 +603,7 @@ def generalized_task_arithmetic(
     acc = _linear_step(
       acc or [None] * len(x), x, base_leaves, w[i], sparse_args(i, x), stacked=lay.stacked, method=method
     )
+    del x  # before the next input is loaded
   if consensus:
     sign = elect_sign(acc)
     del acc
@@ -617,6 +619,7 @@ def generalized_task_arithmetic(
         stacked=lay.stacked,
         method=method,
       )
+      del x
     del sign
     mixed = [nu / jnp.where(de == 0, 1.0, de) for nu, de in zip(num, den)] if normalize else num
   else:
@@ -876,6 +879,7 @@ def model_stock(inputs, *, base="", layer_leaves=DEFAULT_LAYER_LEAVES) -> Output
       b = st.base_leaves()
       sx, su, suu = [None] * len(x), [None] * len(x), [None] * len(x)
     sx, su, suu = _stock_step(sx, su, suu, x, b, stacked=st.layout.stacked)
+    del x
   out, ts = _stock_finish(sx, su, suu, b, stacked=st.layout.stacked, n=st.n)
   report = {"t": {n: np.asarray(t).tolist() for n, t in zip(st.layout.names, ts)}}
   return st.output(out, report)
