@@ -5,8 +5,9 @@
     .venv-bench/bin/python benchmarks/interop.py --check_timm   # instead: timm loads jaxlab's exports, same logits
 
 Each measurement runs in a fresh process (so peak RSS is its own), the variants are interleaved and repeated
-(`--repeats`), and the table gives the median and the spread (min-max) of the wall seconds, GB/s of the file
-size, and peak RSS (and the peak minus the current RSS after imports, i.e. what the work itself added). Variants:
+(`--repeats`; imports and jax's backend start-up happen before the clock starts), and the table gives the
+median and the spread (min-max) of the wall seconds, GB/s of the file size, and peak RSS (and the peak minus
+the current RSS after imports, i.e. what the work itself added). Variants:
 
   jaxlab read+convert   `jobs.import_file` (safetensors -> stacked jaxlab tree in numpy, no hash)
   jaxlab import job     `jobs.run_import`: the same plus the sha256 of the file and the Orbax checkpoint write
@@ -92,6 +93,7 @@ else:
   import jax
   from jaxlab import checkpoint
   from jaxlab.interop import jobs
+  jax.devices()  # start the XLA backend here: process start-up, like importing torch
 base = current_rss_mb()
 t = time.perf_counter()
 if variant == "jaxlab_read_convert":
