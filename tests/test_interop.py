@@ -305,7 +305,7 @@ def test_imported_model_on_tfds_images_of_varied_sizes_with_the_preprocessing_in
   # eval transform as timm's for crop_pct 0.875: shorter side to floor(16 / 0.875) = 18 (PIL bicubic), center 16
   h, w = images[0].shape[:2]
   short = math.floor(16 / 0.875)
-  nh, nw = (short, round(w * short / h)) if h <= w else (round(h * short / w), short)
+  nh, nw = (short, int(w * short / h)) if h <= w else (int(h * short / w), short)  # torchvision Resize(int)
   resized = np.asarray(Image.fromarray(images[0]).resize((nw, nh), Image.BICUBIC))
   top, left = round((nh - 16) / 2), round((nw - 16) / 2)
   np.testing.assert_array_equal(batch["inputs"][0], resized[top : top + 16, left : left + 16])
