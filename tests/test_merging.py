@@ -544,3 +544,12 @@ def test_digit_tasks_are_fixed_transformations_of_the_same_images():
   np.testing.assert_array_equal(mixed.arrays["inputs"][which == 1], 1 - x[which == 1])
   with pytest.raises(ValueError, match="config.data.task: unknown task 'nope'"):
     exp.build_task(ml_collections.ConfigDict({"name": "digits_task", "task": "nope"}))
+
+
+def test_magnitude_threshold_is_the_kth_smallest_value():
+  rng = np.random.default_rng(0)
+  a = np.abs(rng.integers(-3, 4, (3, 40)) / 8).astype(np.float32)  # many ties, zeros
+  a[2] = np.abs(rng.standard_normal(40)).astype(np.float32)
+  for k in range(1, 41):
+    got = np.asarray(merging.magnitude_threshold(a, np.full(3, k, np.int32)))
+    np.testing.assert_array_equal(got, np.sort(a, axis=1)[:, k - 1])

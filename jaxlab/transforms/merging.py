@@ -235,9 +235,25 @@ def _f32(x):
 
 
 def magnitude_threshold(a, kth):
-  """The `kth`-smallest magnitude of each row of `a` (1-indexed; TIES reference `kthvalue`), shape [rows]."""
-  srt = jnp.sort(a, axis=-1)
-  return jnp.take_along_axis(srt, jnp.maximum(kth - 1, 0)[:, None], axis=-1)[:, 0]
+  """The `kth`-smallest value of each row of non-negative float32 `a` (1-indexed, as the TIES reference's
+  `kthvalue`), shape [rows].
+
+  Exact, by bisection over the values' bit patterns (non-negative floats order like their int32 bits):
+  32 counting passes over the row instead of a sort, which XLA's CPU backend does about 25x slower.
+  """
+  bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32)
+  k = jnp.maximum(kth, 1)[:, None]
+  lo = jnp.zeros((a.shape[0], 1), jnp.int32)
+  hi = jnp.full((a.shape[0], 1), 0x7F800000, jnp.int32)  # +inf
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(bits <= mid, axis=-1, keepdims=True) >= k
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("stacked",))
