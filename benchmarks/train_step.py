@@ -161,7 +161,7 @@ def jaxlab_runner(a, size):
   return run, trees.count(state["theta"])
 
 
-def memory_report(a, size, remats=("", "dots_saveable", "nothing_saveable")):
+def memory_report(a, size):
   """XLA's memory analysis of the compiled train step for each remat policy (compiled only, never run)."""
   import jax
 
@@ -172,7 +172,8 @@ def memory_report(a, size, remats=("", "dots_saveable", "nothing_saveable")):
   )
   print(f"  {'remat':18s} {'temp (activations) MiB':>23s} {'arguments MiB':>14s} {'peak memory MiB':>16s}")
   out = {}
-  for remat in remats:
+  for remat in [r for r in a.memory_remats.split(",") if r]:
+    remat = "" if remat == "none" else remat
     a_r = argparse.Namespace(**{**vars(a), "remat": remat})
     step, state = _step_and_state(a_r, size, abstract=True)
     m = step.lower(state, _batch(a_r, abstract=True), rng).compile().memory_analysis()
@@ -326,6 +327,17 @@ def _spread(xs):
   return f"median {statistics.median(xs):8.1f}  [{min(xs):.1f}-{max(xs):.1f}]"
 
 
+def _variant(a, item: str) -> argparse.Namespace:
+  """`a` with `key=value,key=value` overrides of --dtype/--remat/--scan_unroll/--attention_impl."""
+  out = argparse.Namespace(**vars(a))
+  for kv in item.split(","):
+    key, _, value = kv.partition("=")
+    if key not in ("dtype", "remat", "scan_unroll", "attention_impl"):
+      sys.exit(f"error: --variants: unknown key {key!r} in {item!r}; use dtype, remat, scan_unroll, attention_impl")
+    setattr(out, key, int(value) if key == "scan_unroll" else value)
+  return out
+
+
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--sizes", default="", help="comma-separated ViT sizes (Ti,S,B,digits); default by backend")
@@ -347,8 +359,16 @@ def parse_args(argv=None):
     help="CPU: split the batch over this many host devices (XLA_FLAGS host device count)",
   )
   ap.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (default: looked up)")
+  ap.add_argument(
+    "--variants",
+    default="",
+    help="more jaxlab settings timed in the same rounds, e.g. 'scan_unroll=12;attention_impl=einsum'",
+  )
   ap.add_argument("--jax_only", action="store_true", help="do not run PyTorch")
   ap.add_argument("--memory", action="store_true", help="also print XLA's memory analysis with/without remat")
+  ap.add_argument(
+    "--memory_remats", default="none,dots_saveable,nothing_saveable", help="remat policies --memory compares"
+  )
   ap.add_argument("--breakdown", action="store_true", help="also time the building blocks in both frameworks")
   return ap.parse_args(argv)
 
@@ -388,36 +408,31 @@ def main(argv=None):
         memory_report(a, size)
       continue
     jrun, n_params = jaxlab_runner(a, size)
-    trun = None
+    runners = {"jaxlab": jrun}
+    for item in [v for v in a.variants.split(";") if v]:  # other jaxlab settings, timed in the same rounds
+      runners[f"jaxlab {item}"] = jaxlab_runner(_variant(a, item), size)[0]
     if not a.jax_only:
       try:
         trun, tv, threads = torch_runner(a, size)
+        runners["pytorch"] = trun
         print(f"PyTorch {tv} eager, {threads} threads", flush=True)
       except ImportError:
         print("torch is not installed (pip install -e '.[bench]'): jaxlab only")
-    jr, tr = [], []
+    rates = {k: [] for k in runners}
     for r in range(a.repeats):
-      jr.append(a.batch * a.steps / jrun(a.steps))
-      line = f"  round {r + 1}: jaxlab {jr[-1]:8.1f} ex/s"
-      if trun is not None:
-        tr.append(a.batch * a.steps / trun(a.steps))
-        line += f"   pytorch {tr[-1]:8.1f} ex/s   ratio {jr[-1] / tr[-1]:.2f}x"
-      print(line, flush=True)
-    med = statistics.median(jr)
-    tflops = med / a.batch * flops / 1e12
+      for k, run in runners.items():
+        rates[k].append(a.batch * a.steps / run(a.steps))
+      print(f"  round {r + 1}: " + "   ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()) + " ex/s", flush=True)
     print(f"ViT-{size} ({n_params:,} params, {flops / 1e9:.1f} GFLOP per step, analytic)")
-    print(
-      f"  jaxlab  examples/s: {_spread(jr)};  {tflops:.3f} TFLOP/s"
-      + (f";  MFU {tflops / peak:.1%} of {peak:.0f} TFLOP/s" if peak else "")
-    )
-    if tr:
-      ratios = [j / t for j, t in zip(jr, tr, strict=True)]
-      print(f"  pytorch examples/s: {_spread(tr)}")
-      print(
-        f"  ratio jaxlab / pytorch: median of rounds {statistics.median(ratios):.2f}x "
-        f"[{min(ratios):.2f}-{max(ratios):.2f}]; of medians {med / statistics.median(tr):.2f}x",
-        flush=True,
-      )
+    for k, v in rates.items():
+      tflops = statistics.median(v) / a.batch * flops / 1e12
+      line = f"  {k:28s} examples/s: {_spread(v)};  {tflops:.3f} TFLOP/s"
+      if peak and k != "pytorch":
+        line += f";  MFU {tflops / peak:.1%} of {peak:.0f} TFLOP/s"
+      if "pytorch" in rates and k != "pytorch":
+        ratios = [j / t for j, t in zip(v, rates["pytorch"], strict=True)]
+        line += f";  / pytorch: median {statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+      print(line, flush=True)
     if a.memory:
       memory_report(a, size)
   if a.breakdown:

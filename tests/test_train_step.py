@@ -6,6 +6,7 @@ job about as well as float32; `profile_steps` writes a trace; the benchmark's CP
 """
 
 import glob
+import math
 import os
 import subprocess
 import sys
@@ -46,6 +47,12 @@ def tiny_params(digits_batch):
   return _tiny_vit().init({"params": jax.random.key(0)}, digits_batch[0][:1])["params"]
 
 
+@pytest.fixture(scope="module")
+def base_loss_grads(tiny_params, digits_batch):
+  """Loss and gradients of the default tiny ViT (no remat, rolled scan, dot_product_attention)."""
+  return _loss_and_grads(_tiny_vit(), tiny_params, *digits_batch)
+
+
 def test_dot_product_attention_equals_einsum_values_and_grads():
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 3, 4)) for i in range(3))
   w = jax.random.normal(jax.random.key(9), (2, 5, 3, 4))  # a non-trivial cotangent
@@ -58,9 +65,21 @@ def test_dot_product_attention_equals_einsum_values_and_grads():
   np.testing.assert_allclose(jax.nn.dot_product_attention(q, k, jnp.ones_like(v)), 1.0, atol=1e-6)
 
 
-def test_model_attention_impl_same_loss_and_grads(tiny_params, digits_batch):
+def test_gelu_exact_same_values_and_analytic_gradient():
+  """The custom-VJP GELU: forward bit for bit jax's erf GELU; backward Phi(x) + x phi(x), equal to autodiff's."""
+  z = jnp.linspace(-9.0, 9.0, 20001)
+  np.testing.assert_array_equal(vit.gelu_exact(z), jax.nn.gelu(z, approximate=False))
+  ours = jax.vmap(jax.grad(vit.gelu_exact))(z)
+  np.testing.assert_allclose(ours, jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=False)))(z), atol=1e-6)
+  phi = np.exp(-0.5 * np.float64(z) ** 2) / np.sqrt(2 * np.pi)
+  cdf = 0.5 * (1 + np.vectorize(math.erf)(np.float64(z) / np.sqrt(2)))
+  np.testing.assert_allclose(ours, cdf + np.float64(z) * phi, atol=1e-6)
+  assert jax.grad(lambda t: vit.gelu_exact(t).sum())(z.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_model_attention_impl_same_loss_and_grads(tiny_params, digits_batch, base_loss_grads):
   x, y = digits_batch
-  base_loss, base_g = _loss_and_grads(_tiny_vit(), tiny_params, x, y)
+  base_loss, base_g = base_loss_grads
   loss, g = _loss_and_grads(_tiny_vit(attention_impl="einsum"), tiny_params, x, y)
   assert float(loss) == pytest.approx(float(base_loss), rel=1e-5)
   for name, a in trees.flatten(g).items():
@@ -76,10 +95,10 @@ def test_model_attention_impl_same_loss_and_grads(tiny_params, digits_batch):
     dict(scan_unroll=2, remat="nothing_saveable"),
   ],
 )
-def test_remat_and_unroll_same_loss_and_grads(over, tiny_params, digits_batch):
+def test_remat_and_unroll_same_loss_and_grads(over, tiny_params, digits_batch, base_loss_grads):
   """Same params, same dropout key (drop_path > 0): rematerialising or unrolling the blocks changes nothing."""
   x, y = digits_batch
-  base_loss, base_g = _loss_and_grads(_tiny_vit(), tiny_params, x, y)
+  base_loss, base_g = base_loss_grads
   loss, g = _loss_and_grads(_tiny_vit(**over), tiny_params, x, y)
   assert float(loss) == pytest.approx(float(base_loss), rel=1e-6)
   for name, a in trees.flatten(g).items():
@@ -207,8 +226,9 @@ def test_benchmark_cpu_path_runs():
       "benchmarks/train_step.py",
       "--size=digits",
       "--batch=4",
-      "--steps=2",
+      "--steps=1",
       "--repeats=1",
+      "--memory_remats=nothing_saveable",
       "--jax_only",
       "--memory",
     ],

@@ -82,6 +82,32 @@ def dense(features: int, name: str, use_bias: bool = True, dtype=None, param_dty
                   bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=param_dtype)
 
 
+@jax.custom_vjp
+def gelu_exact(x):
+  """The exact (erf) GELU, `jax.nn.gelu(x, approximate=False)`, with its analytic derivative as the backward.
+
+  Same forward values bit for bit. Differentiating the erf formula makes jax save several [B, T, M]
+  intermediates per block for the backward pass; this saves only `x` and computes
+  `d/dx x Phi(x) = Phi(x) + x phi(x)` (the same function, equal to autodiff's gradient up to float rounding).
+  On the CPU the MLP's forward+backward is about 5% faster (less memory traffic).
+  """
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_exact_fwd(x):
+  return gelu_exact(x), x
+
+
+def _gelu_exact_bwd(x, g):
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  cdf = 0.5 * (1.0 + jax.lax.erf(xf * np.float32(1 / np.sqrt(2))))
+  pdf = jnp.exp(-0.5 * xf * xf) * np.float32(1 / np.sqrt(2 * np.pi))
+  return ((g * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu_exact.defvjp(_gelu_exact_fwd, _gelu_exact_bwd)
+
+
 def einsum_attention(q, k, v, dropout_fn=None):
   """Softmax attention as two einsums over [B, T, heads, head_dim] q/k/v; softmax in float32.
 
@@ -136,7 +162,7 @@ class Mlp(nn.Module):
   def __call__(self, x, train: bool):
     d = x.shape[-1]
     x = self.dense_factory(self.hidden, name="fc1", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    x = nn.gelu(x, approximate=False)
+    x = gelu_exact(x)  # = nn.gelu(x, approximate=False), with a leaner backward pass
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = self.dense_factory(d, name="fc2", dtype=self.dtype, param_dtype=self.param_dtype)(x)
     return nn.Dropout(self.dropout)(x, deterministic=not train)
