@@ -182,9 +182,19 @@ def import_tree(
   """Builds the flat jaxlab tree (`collection/path` -> array) from a `TensorSource`, one tensor at a time.
 
   Stacked leaves are filled layer by layer into one preallocated array, so peak memory stays near the size of
-  the output. Leaves in `take_fresh` come from `fresh` (freshly initialised) instead of the file. (Converting
-  entries on several threads was measured no faster on the shared 2-core machine, so this stays sequential.)
+  the output; single-tensor reads go into one reused scratch buffer per shape (no fresh pages per tensor).
+  Leaves in `take_fresh` come from `fresh` (freshly initialised) instead of the file. (Converting entries on
+  several threads was measured no faster on the shared 2-core machine, so this stays sequential.)
   """
+  scratch: dict[tuple, np.ndarray] = {}
+
+  def read(keys: list[str]) -> list[np.ndarray]:
+    if len(keys) != 1:  # several inputs to one conversion must not share a buffer
+      return [source.get(k) for k in keys]
+    shape, dtype = tuple(source.shape(keys[0])), np.dtype(source.dtype(keys[0]))
+    buf = scratch.setdefault((shape, dtype.str), np.empty(shape, dtype))  # reused: copied out before the next read
+    return [source.get(keys[0], out=buf)]
+
   out = {}
   for e in entries:
     name = f"{e.collection}/{e.ours}"
@@ -193,12 +203,12 @@ def import_tree(
       continue
     dtype = dtypes.get(name, np.float32)
     if not e.stacked:
-      value = np.asarray(e.conversion.to_ours([source.get(k) for k in e.theirs]))
+      value = np.asarray(e.conversion.to_ours(read(list(e.theirs))))
       out[name] = copy_into(np.empty(value.shape, dtype), value)
       continue
     arr = None
     for i in range(depth):
-      layer = np.asarray(e.conversion.to_ours([source.get(k) for k in e.layer_keys(i)]))
+      layer = np.asarray(e.conversion.to_ours(read(e.layer_keys(i))))
       if arr is None:
         arr = np.empty((depth, *layer.shape), dtype)
       copy_into(arr[i], layer)

@@ -67,8 +67,8 @@ class TensorSource:
   def dtype(self, key: str) -> np.dtype:
     raise NotImplementedError
 
-  def get(self, key: str) -> np.ndarray:
-    """The tensor as a numpy array (a fresh array, safe to modify)."""
+  def get(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+    """The tensor as a numpy array: a fresh one, or `out` (of the tensor's shape and dtype) filled in place."""
     raise NotImplementedError
 
   def __contains__(self, key: str) -> bool:
@@ -103,7 +103,10 @@ class DictSource(TensorSource):
   def dtype(self, key):
     return self._t[key].dtype
 
-  def get(self, key):
+  def get(self, key, out=None):
+    if out is not None:
+      out[...] = self._t[key]
+      return out
     return np.array(self._t[key])
 
 
@@ -159,9 +162,11 @@ class SafetensorsSource(TensorSource):
       raise ReadError(f"{self.path}: tensor {key} has dtype {name}, which jaxlab does not read")
     return np.dtype(_SAFETENSORS_DTYPES[name])
 
-  def get(self, key):
+  def get(self, key, out=None):
     start, end = self._info[key]["data_offsets"]
-    out = np.empty(self.shape(key), self.dtype(key).newbyteorder("<"))
+    dtype = self.dtype(key).newbyteorder("<")
+    if out is None or out.shape != self.shape(key) or out.dtype != dtype or not out.flags.c_contiguous:
+      out = np.empty(self.shape(key), dtype)
     if out.nbytes != end - start:
       raise ReadError(f"{self.path}: tensor {key} has {end - start} bytes for shape {list(out.shape)}")
     if _pread_into(self._file, out, self._data_start + start) != out.nbytes:
@@ -363,7 +368,7 @@ class TorchZipSource(TensorSource):
   def dtype(self, key):
     return self._tensors[key].dtype
 
-  def get(self, key):
+  def get(self, key, out=None):
     t = self._tensors[key]
     item = t.dtype.itemsize
     shape = tuple(int(d) for d in t.shape)
@@ -376,7 +381,8 @@ class TorchZipSource(TensorSource):
       raw = self._zip.read(f"{self._prefix}data/{t.storage.key}")
       buf = np.frombuffer(raw, dtype=t.dtype, count=t.storage.numel)[t.offset : t.offset + extent]
     else:
-      buf = np.empty(extent, t.dtype)
+      reuse = contiguous and out is not None and out.shape == shape and out.dtype == t.dtype and out.flags.c_contiguous
+      buf = out.reshape(-1) if reuse else np.empty(extent, t.dtype)
       if _pread_into(self._file, buf, start + t.offset * item) != buf.nbytes:
         raise ReadError(f"{self.path}: archive ends inside tensor {key}")
       if contiguous:
@@ -423,7 +429,7 @@ class NpzSource(TensorSource):
   def dtype(self, key):
     return self._header(key)[1]
 
-  def get(self, key):
+  def get(self, key, out=None):
     return np.array(self._npz[key])
 
   def close(self):
