@@ -442,3 +442,43 @@ def test_a_headless_backbone_needs_a_fresh_head_explicitly(tmp_path):
   imp = jobs.import_file(path, num_heads=2, num_classes=3, init_missing="params/head/.*", seed=1)
   assert imp.theta["head"]["kernel"].shape == (24, 3)
   assert np.array_equal(imp.theta["norm"]["scale"], t["fc_norm.weight"])  # fc_norm is jaxlab's pooled norm
+
+
+def _npz_variant(tmp_path, name, rename) -> str:
+  with np.load(os.path.join(FIX, name)) as z:
+    t = {k: z[k] for k in z.files}
+  path = str(tmp_path / f"variant_{name}")
+  np.savez(path, **rename(t))
+  return path
+
+
+def test_big_vision_scanned_blocks_and_augreg_numbering_import_the_same_model(tmp_path):
+  """big_vision with scan=True (one `encoderblock` with a depth axis) and AugReg's vit_jax numbering."""
+
+  def scanned(t):
+    out = {k: v for k, v in t.items() if "encoderblock_" not in k}
+    for k in [k for k in t if "encoderblock_0/" in k]:
+      out[k.replace("encoderblock_0/", "encoderblock/")] = np.stack(
+        [t[k.replace("encoderblock_0/", f"encoderblock_{i}/")] for i in range(2)]
+      )
+    return out
+
+  imp = jobs.import_file(_npz_variant(tmp_path, "bv_token.npz", scanned), num_heads=2)
+  assert np.abs(_logits(imp, REF["x16"]) - REF["logits_bv_token"]).max() <= 1e-5
+
+  def augreg(t):
+    subs = (
+      ("LayerNorm_1", "LayerNorm_2"),
+      ("MultiHeadDotProductAttention_0", "MultiHeadDotProductAttention_1"),
+      ("MlpBlock_0", "MlpBlock_3"),
+      ("params/pos_embedding", "params/Transformer/posembed_input/pos_embedding"),
+    )
+    out = {}
+    for k, v in t.items():
+      for a, b in subs:
+        k = k.replace(a, b)
+      out[k] = v
+    return out
+
+  imp = jobs.import_file(_npz_variant(tmp_path, "bv_gap.npz", augreg), num_heads=2)
+  assert np.abs(_logits(imp, REF["x16"]) - REF["logits_bv_gap"]).max() <= 1e-5
