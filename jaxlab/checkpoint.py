@@ -73,6 +73,15 @@ def versions() -> dict:
   return {**_versions(), "code": code_version()}
 
 
+class CheckpointReadError(CheckpointError):
+  """Orbax failed while reading a checkpoint's arrays (damaged files, or arrays that do not fit the target).
+
+  After such a failure orbax's event loop is closed while tensorstore may still finish other reads; their late
+  callbacks print 'RuntimeError: Event loop is closed' tracebacks, at the latest during interpreter exit.
+  `jaxlab.main` therefore ends the process without the interpreter's teardown after reporting this error.
+  """
+
+
 class CheckpointSaveError(CheckpointError):
   """Writing a checkpoint failed (disk full, directory not writable); the checkpoints before it are kept."""
 
@@ -323,8 +332,8 @@ def load(path: str, step: int | None = None, sharding=None) -> Loaded:
   try:
     weights = ckptr.restore(os.path.join(cdir, str(step), "weights"), args=ocp.args.StandardRestore(target))
   except Exception as e:
-    raise CheckpointError(f"{path} (step {step}): weights do not match the model its meta describes "
-                          f"({str(e).splitlines()[0][:300]})") from e
+    raise CheckpointReadError(f"{path} (step {step}): weights do not match the model its meta describes "
+                              f"({str(e).splitlines()[0][:300]})") from e
   finally:
     ckptr.close()
   module = build.model(meta["model"], meta["data"]["num_classes"])

@@ -252,9 +252,35 @@ def _quiet_closed_event_loop(default_hook):
   return hook
 
 
+def _exit_after_error(e: BaseException) -> None:
+  """Exit 2. After orbax failed to read a checkpoint (`CheckpointReadError` anywhere in the chain), without the
+  interpreter's teardown: tensorstore callbacks aimed at orbax's closed event loop would print tracebacks then.
+  Everything jaxlab opened is closed by then (the train loop's error path) and the output is flushed."""
+  from jaxlab import checkpoint
+  seen = e
+  while seen is not None and not isinstance(seen, checkpoint.CheckpointReadError):
+    seen = seen.__cause__ or seen.__context__
+  if seen is None:
+    sys.exit(2)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(2)
+
+
+def _quiet_closed_event_loop_unraisable(default_hook):
+  """The same filter for `sys.unraisablehook`, where tensorstore's callbacks report their errors."""
+  def hook(unraisable):
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+      logging.debug("late orbax callback after a failed restore: %s", unraisable.exc_value)
+      return
+    default_hook(unraisable)
+  return hook
+
+
 def main(argv):
   del argv
   sys.excepthook = _quiet_closed_event_loop(sys.excepthook)
+  sys.unraisablehook = _quiet_closed_event_loop_unraisable(sys.unraisablehook)
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   workdir = _WORKDIR.value
   try:  # config_flags loads the file and applies overrides lazily, on first access
@@ -285,7 +311,7 @@ def main(argv):
     snapshot.restore_after_failure()
     print(f"error: {_one_line(e)}", file=sys.stderr)
     logging.debug("full error", exc_info=True)
-    sys.exit(2)
+    _exit_after_error(e)
   except KeyboardInterrupt:
     _finish_attempt(attempt, "interrupted")
     print(f"interrupted: start the same command again to resume from the last checkpoint in {workdir}",

@@ -376,7 +376,7 @@ def _train_and_evaluate(config, workdir: str, opened: _Opened) -> dict[str, Any]
     try:
       restored = mngr.restore(start, weights_t, abstract["opt_state"])
     except Exception as e:
-      raise checkpoint.CheckpointError(
+      raise checkpoint.CheckpointReadError(
           f"{mngr.directory}: cannot resume step {start} with this config ({str(e).splitlines()[0][:200]}); "
           "use a fresh --workdir or the config that wrote it") from e
     state = {"step": jnp.asarray(start, jnp.int32), "theta": restored["weights"]["theta"],
