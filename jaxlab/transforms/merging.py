@@ -29,7 +29,9 @@ each value a number or anchors. Leaves no rule matches get the default.
 
 Memory (float32 working copies): the base, one accumulator per statistic and
 one input at a time. Linear methods: about 3 models; TIES/DARE-TIES: about 5
-(base, sign sums, numerator, denominator, one input) whatever N is.
+(base, sign sums, numerator, denominator, one input) whatever N is; measured
+peak RSS in docs/merging.md (benchmarks/merge.py). `merge_tensorwise` runs
+the same code one tensor at a time for files that read single tensors.
 """
 
 from __future__ import annotations
@@ -602,7 +604,7 @@ def generalized_task_arithmetic(
     dens = _check_range(lay, coefficient(density, "density", 1.0), 0.0, 1.0, lo_open=True)
     gam = _check_range(lay, coefficient(gamma, "gamma", 0.01), 0.0, 1.0) if method == "outliers" else None
 
-  thresholds = {}  # TIES: per input, per leaf, the trim threshold of each tensor (a few floats), sorted once
+  thresholds = {}  # TIES: per input, per leaf, the trim threshold of each tensor (a few floats), found once
 
   def sparse_args(i, x):
     sa = _sparse_args(lay, method, dens, gam, seed, i)
