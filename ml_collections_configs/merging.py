@@ -50,6 +50,7 @@ def get_config(arg: str | None = None):
   m.breadcrumbs_gamma = 0.01  # ... after dropping the largest 1%
   m.task_heads = True  # merges are evaluated on task t with ft_t's head (the papers' protocol); False: merged head
   m.min_gain = 0.10  # precondition: each fine-tune beats the pre-trained model by 10 points on its task
+  m.min_effect = 0.01  # a claim "X beats task arithmetic" holds if X wins in every seed and by >= 1 point on average
   m.min_interference = 0.20  # precondition: own-task minus other-task accuracy of a fine-tune, on average
   if arg == "smoke":
     c.model.width = 16

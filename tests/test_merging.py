@@ -451,6 +451,8 @@ def test_experiment_preconditions_claims_and_stats():
   assert pre[0]["value"] == pytest.approx(0.8) and pre[2]["value"] == pytest.approx((0.7 + 0.7) / 2)
   verdicts = {c["claim"].split(" ")[0]: c["verdict"] for c in exp.claims(rows, pre, ("a", "b"), (0, 1))}
   assert verdicts == {"TIES": "holds", "DARE": "does not hold", "Model": "does not hold"}  # breadcrumbs: a tie
+  small = {**accs, "ties": [0.505, 0.5]}  # wins every seed by 0.25 points: below the minimum effect
+  assert exp.claims(_rows(small), pre, ("a", "b"), (0, 1))[0]["verdict"] == "does not hold"
   agg = exp.aggregate(rows, ("a", "b"), (0, 1))
   assert agg["ties"]["avg_test"]["mean"] == pytest.approx(0.555)
   assert agg["ties"]["avg_test"]["std"] == pytest.approx(np.std([0.55, 0.56], ddof=1))
