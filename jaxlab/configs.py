@@ -63,7 +63,6 @@ def base() -> ml_collections.ConfigDict:
   c.data.mix_prob = -1.0       # probability a batch is mixed (-1 = 1.0)
   c.data.mix_switch_prob = -1.0  # with both: probability of CutMix rather than Mixup (-1 = 0.5)
   c.data.repeated_aug = 1      # repeated augmentation: copies of each sampled image per batch (1 = off; DeiT 3)
-  c.data.repeated_aug = 1      # repeated augmentation: copies of each sampled image per batch (1 = off; DeiT 3)
   c.data.lra_dir = ""          # data.name='lra_listops' | 'lra_pathfinder': LRA release directory (data/lra.py)
   c.data.difficulty = ""       # lra_pathfinder: easy | intermediate | hard ('' = hard, as LRA)
 
