@@ -482,3 +482,52 @@ def test_big_vision_scanned_blocks_and_augreg_numbering_import_the_same_model(tm
 
   imp = jobs.import_file(_npz_variant(tmp_path, "bv_gap.npz", augreg), num_heads=2)
   assert np.abs(_logits(imp, REF["x16"]) - REF["logits_bv_gap"]).max() <= 1e-5
+
+
+def test_vit_shapes_from_the_config_equal_the_traced_model():
+  """The import job's strict check takes a ViT's variable shapes from its config (no tracing): they must be
+  exactly what `jax.eval_shape` of the model's init gives, for every ViT variant the readers infer."""
+  from jaxlab.interop import vit_maps
+
+  base = dict(name="vit", patch_size=8, width=24, depth=2, num_heads=2, mlp_dim=48, pool="cls", final_norm="tokens")
+  variants = [
+    dict(),
+    dict(pool="gap", final_norm="pooled", class_token=True),
+    dict(pool="gap", final_norm="pooled", class_token=False),
+    dict(layer_scale=1e-5, no_embed_class=True),
+    dict(distilled=True, class_token=True),
+    dict(distilled=True, class_token=True, no_embed_class=True),
+    dict(depth=1, patch_size=4, mlp_dim=40),
+  ]
+  for kw in variants:
+    for k, shape in ((10, [16, 16, 3]), (0, [16, 16, 3]), (7, [24, 32, 1])):
+      module = build.model(dict(base, **kw), k)
+      traced = trees.flatten(build.abstract_variables(module, tuple(shape), "float32"))
+      ours = vit_maps.vit_param_shapes(module, shape)
+      assert {n: (s.shape, s.dtype) for n, s in ours.items()} == {n: (s.shape, s.dtype) for n, s in traced.items()}
+  # refused like the model refuses them; other models are traced
+  with pytest.raises(ValueError, match="needs model.pool='cls'"):
+    vit_maps.vit_param_shapes(build.model(dict(base, pool="gap", distilled=True, class_token=True), 10), [16, 16, 3])
+  with pytest.raises(ValueError, match="class_token=False needs"):
+    vit_maps.vit_param_shapes(build.model(dict(base, class_token=False), 10), [16, 16, 3])
+  assert vit_maps.vit_param_shapes(build.model(dict(base), 10), [16, 3]) is None
+  wrn = dict(name="wrn", depth=10, widen_factor=0.5, stem_width=16, mid_bn=False, head_bias=True)
+  assert vit_maps.vit_param_shapes(build.model(wrn, 10), [32, 32, 3]) is None
+
+
+def test_threaded_memory_mapped_conversion_equals_the_sequential_one():
+  """import_tree on two threads over the safetensors memory map gives the same arrays as one thread reading
+  through `get` (DictSource), 64-byte aligned so that jax aliases them on a CPU."""
+  path = os.path.join(FIX, "deit3_ls.safetensors")
+  with readers.open_source(path) as src:
+    info = jobs.FAMILIES["timm_vit"].infer({k: tuple(src.shape(k)) for k in src.keys()}, dict(num_heads=2))
+    entries = jobs.vit_maps.timm_entries(info["model"], info["num_classes"])
+    depth = info["model"]["depth"]
+    threaded = names.import_tree(src, entries, depth, {}, set(), {}, threads=2)
+  plain = names.import_tree(readers.DictSource(load_file(path)), entries, depth, {}, set(), {}, threads=1)
+  assert threaded.keys() == plain.keys()
+  for n, a in threaded.items():
+    assert a.dtype == plain[n].dtype and np.array_equal(a, plain[n]), n
+    assert a.ctypes.data % 64 == 0 and a.flags.c_contiguous, n
+  big = threaded["params/blocks/mlp/fc1/kernel"]
+  assert jax.device_put(big).unsafe_buffer_pointer() == big.ctypes.data

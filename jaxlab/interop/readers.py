@@ -28,6 +28,7 @@ import json
 import os
 import pickle
 import struct
+import threading
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -57,6 +58,7 @@ class TensorSource:
 
   path: str
   format: str
+  thread_safe = False  # get() may be called from several threads at once (different `out` buffers)
 
   def keys(self) -> list[str]:
     raise NotImplementedError
@@ -90,6 +92,8 @@ class TensorSource:
 class DictSource(TensorSource):
   """A `TensorSource` over an in-memory dict (tests, already loaded state dicts)."""
 
+  thread_safe = True
+
   def __init__(self, tensors: dict[str, np.ndarray], path: str = "<memory>", format: str = "dict"):
     self._t = {k: np.asarray(v) for k, v in tensors.items()}
     self.path, self.format = path, format
@@ -121,8 +125,11 @@ class SafetensorsSource(TensorSource):
 
   Reading into our own array, rather than through the library's memory map, keeps the file's pages out of the
   process's resident memory (they stay in the page cache) and copies each tensor once; it also reads bfloat16,
-  which numpy (and so `safetensors.numpy`) has no dtype for (`ml_dtypes.bfloat16`, as jax uses).
+  which numpy (and so `safetensors.numpy`) has no dtype for (`ml_dtypes.bfloat16`, as jax uses). Reads use
+  `os.preadv` (no shared file position), so several threads may read at once.
   """
+
+  thread_safe = True
 
   def __init__(self, path: str):
     from safetensors import safe_open
@@ -140,6 +147,7 @@ class SafetensorsSource(TensorSource):
     self._data_start = 8 + n
     self._info = {k: header[k] for k in self._keys}
     self._file = open(path, "rb")
+    self._mmap = None
 
   @property
   def metadata(self) -> dict[str, str]:
@@ -173,7 +181,40 @@ class SafetensorsSource(TensorSource):
       raise ReadError(f"{self.path}: file ends inside tensor {key}")
     return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
 
+  def view(self, key) -> np.ndarray:
+    """The tensor as a read-only array over a memory map of the file (no copy; pages come from the page cache).
+
+    For a caller that copies it elsewhere at once (a transpose into the output) and then calls `release(key)`,
+    which drops the tensor's pages from this process's resident memory again (the page cache keeps them).
+    """
+    import mmap
+
+    if self._mmap is None:
+      self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+    start, end = self._info[key]["data_offsets"]
+    dtype = self.dtype(key).newbyteorder("<")
+    count = int(np.prod(self.shape(key), dtype=np.int64))
+    if count * dtype.itemsize != end - start or self._data_start + end > len(self._mmap):
+      raise ReadError(f"{self.path}: tensor {key} has {end - start} bytes for shape {list(self.shape(key))}")
+    arr = np.frombuffer(self._mmap, dtype, count, self._data_start + start).reshape(self.shape(key))
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
+
+  def release(self, key) -> None:
+    import mmap
+
+    if self._mmap is None:
+      return
+    start, end = self._info[key]["data_offsets"]
+    lo = (self._data_start + start) // mmap.PAGESIZE * mmap.PAGESIZE
+    self._mmap.madvise(mmap.MADV_DONTNEED, lo, self._data_start + end - lo)
+
   def close(self):
+    if self._mmap is not None:
+      try:
+        self._mmap.close()
+      except BufferError:  # an array over the map is still alive: the map closes when it is collected
+        pass
+      self._mmap = None
     self._file.close()
 
 
@@ -478,10 +519,36 @@ def open_source(path: str, format: str = "auto") -> TensorSource:
   return {"safetensors": SafetensorsSource, "torch": TorchZipSource, "npz": NpzSource}[fmt](path)
 
 
-def sha256(path: str, chunk: int = 1 << 24) -> str:
-  """Hex sha256 of a file, read in chunks."""
+def sha256(path: str, chunk: int = 1 << 23) -> str:
+  """Hex sha256 of a file, read in chunks into one reused buffer."""
   h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
+  buf = bytearray(chunk)
+  view = memoryview(buf)
+  with open(path, "rb", buffering=0) as f:
+    while n := f.readinto(buf):
+      h.update(view[:n])
   return h.hexdigest()
+
+
+class BackgroundSha256:
+  """The sha256 of a file computed on a daemon thread while the caller reads and converts the file
+  (`hashlib` releases the GIL while hashing, so on a multi-core machine this costs no wall time);
+  `result()` waits for it and re-raises its error."""
+
+  def __init__(self, path: str):
+    self._value: str | None = None
+    self._error: BaseException | None = None
+    self._thread = threading.Thread(target=self._run, args=(path,), name="jaxlab-sha256", daemon=True)
+    self._thread.start()
+
+  def _run(self, path: str) -> None:
+    try:
+      self._value = sha256(path)
+    except BaseException as e:  # re-raised in the caller's thread by result()
+      self._error = e
+
+  def result(self) -> str:
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+    return str(self._value)

@@ -31,9 +31,11 @@ from __future__ import annotations
 import math
 import re
 
+import jax
 import numpy as np
 
 from jaxlab.interop.names import CONV, LINEAR, Conversion, Entry
+from jaxlab.models import vit as vit_model
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -73,6 +75,65 @@ def _grid(tokens: int, n_prefix: int) -> tuple[int, bool]:
     f"pos_embed has {tokens} positions, not a square grid (+ {n_prefix} prefix tokens); "
     "non-square grids are not supported"
   )
+
+
+def vit_param_shapes(module, input_shape) -> dict[str, jax.ShapeDtypeStruct] | None:
+  """`params/<path>` -> shape and dtype of a plain image ViT's variables, computed from its fields without
+  tracing it (what `jax.eval_shape` of its init gives, in a fraction of the time: tracing a ViT-B costs about
+  half a second in a fresh process). None for anything else (another model, a 1D input, a custom dense
+  factory): the caller traces the model then. `tests/test_interop.py` checks the two agree.
+
+  Raises:
+    ValueError: a config the model itself refuses when called (pool, final_norm, tokens, heads).
+  """
+  m = module
+  if type(m) is not vit_model.ViT or m.dense_factory is not vit_model.dense or len(input_shape) != 3:
+    return None
+  if m.pool not in ("cls", "gap"):
+    raise ValueError(f"model.pool must be 'cls' or 'gap', got {m.pool!r}")
+  has_cls = m.pool == "cls" if m.class_token is None else bool(m.class_token)
+  if (m.pool == "cls" or m.distilled) and not has_cls:
+    raise ValueError("model.class_token=False needs model.pool='gap' and model.distilled=False")
+  if m.distilled and (m.pool != "cls" or m.final_norm != "tokens"):
+    raise ValueError("model.distilled needs model.pool='cls' and model.final_norm='tokens' (as DeiT)")
+  if m.final_norm not in ("tokens", "pooled"):
+    raise ValueError(f"model.final_norm must be 'tokens' or 'pooled', got {m.final_norm!r}")
+  d, mlp, depth, p, k = int(m.width), int(m.mlp_dim), int(m.depth), int(m.patch_size), int(m.num_classes)
+  if m.num_heads <= 0 or d % m.num_heads:
+    raise ValueError(f"model.num_heads={m.num_heads} does not divide the width {d}")
+  if depth < 1:
+    return None
+  h, w, c = (int(x) for x in input_shape)
+  prefix = int(has_cls) + int(bool(m.distilled))
+  tokens = (h // p) * (w // p) + (0 if m.no_embed_class else prefix)
+  shapes = {"patch_embed/kernel": (p, p, c, d), "patch_embed/bias": (d,), "pos_embed": (1, tokens, d)}
+  if has_cls:
+    shapes["cls_token"] = (1, 1, d)
+  if m.distilled:
+    shapes["dist_token"] = (1, 1, d)
+  block = {
+    "norm1/scale": (d,),
+    "norm1/bias": (d,),
+    "attn/qkv/kernel": (d, 3 * d),
+    "attn/qkv/bias": (3 * d,),
+    "attn/proj/kernel": (d, d),
+    "attn/proj/bias": (d,),
+    "norm2/scale": (d,),
+    "norm2/bias": (d,),
+    "mlp/fc1/kernel": (d, mlp),
+    "mlp/fc1/bias": (mlp,),
+    "mlp/fc2/kernel": (mlp, d),
+    "mlp/fc2/bias": (d,),
+  }
+  if m.layer_scale:
+    block.update({"ls1/scale": (d,), "ls2/scale": (d,)})
+  shapes.update({f"blocks/{n}": (depth, *s) for n, s in block.items()})
+  shapes.update({"norm/scale": (d,), "norm/bias": (d,)})
+  if k > 0:
+    for head in ("head", "head_dist") if m.distilled else ("head",):
+      shapes.update({f"{head}/kernel": (d, k), f"{head}/bias": (k,)})
+  dtype = np.dtype(m.param_dtype)
+  return {f"params/{n}": jax.ShapeDtypeStruct(s, dtype) for n, s in shapes.items()}
 
 
 # ----------------------------------------------------------------------------
