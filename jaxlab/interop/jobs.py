@@ -12,8 +12,10 @@ shapes (explicit config keys win), compare the file's tensors with the name map
 strictly (one error lists the missing, unexpected and mis-shaped ones and the
 options that allow them; nothing is written), convert one tensor at a time,
 optionally resample the position embeddings to `image_size`, check the result
-against the model rebuilt from meta (`jax.eval_shape`), and write a step-0
-checkpoint whose meta records the source, its sha256, the format, the family
+against the model's variable shapes (computed from the config for a plain ViT,
+`jax.eval_shape` of its init otherwise), and write a step-0 checkpoint (the
+file's sha256 is computed on another thread meanwhile) whose meta records the
+source, its sha256, the format, the family
 and name map, what was skipped or initialised fresh, and the preprocessing.
 
 Export: load a checkpoint from its meta, materialize its parameterization (a
@@ -348,11 +350,14 @@ def run_import(config, workdir: str) -> dict:
   data_cfg = {k: v for k, v in build.to_dict(config.get("data")).items() if v not in ("", None, (), {})}
   if data_cfg.get("name"):  # the data set the model is evaluated / fine-tuned on by default (evaluate job)
     imp.meta["data"].update(name=data_cfg["name"], config=data_cfg)
-  # As jax arrays: on a CPU they alias the converted numpy buffers (allocated 64-byte aligned for that), so
-  # there is no second copy of the model in memory.
+  # As jax arrays: on a CPU they alias the converted numpy buffers (allocated 64-byte aligned for that; numpy's
+  # own large arrays are not, and jax copied them: a second model in memory). Orbax then adds about 0.9x the
+  # model while it writes (encoded chunks held until the OCDBT commit). Smaller OCDBT data files
+  # (`ocp.args.PyTreeSave(..., ocdbt_target_data_file_size=16 << 20)`) cut that to ~0.35x, but restoring such a
+  # checkpoint peaked higher (export: 2.3-2.7x the file instead of 1.9x), so the format stays Orbax's default.
   theta, model_state = jax.device_put(imp.theta), jax.device_put(imp.model_state)
   imp.theta = imp.model_state = None
-  _save_imported(workdir, theta, imp.meta, model_state)
+  checkpoint.save_weights(workdir, 0, theta, imp.meta, model_state)
   prov = imp.meta["provenance"]["import"]
   return {
     "workdir": os.path.abspath(workdir),
@@ -360,36 +365,6 @@ def run_import(config, workdir: str) -> dict:
     "params": trees.count(theta),
     "model": json.dumps({k: v for k, v in imp.meta["model"].items() if v not in (0, 0.0, None, False)}),
   }
-
-
-# OCDBT data files of at most this size: Orbax then writes (and frees) the encoded chunks as it goes instead
-# of holding them all until the end (for a ViT-B: +0.15 GB of peak memory instead of +0.30 GB, and faster).
-OCDBT_DATA_FILE_BYTES = 16 << 20
-
-
-def _save_imported(workdir: str, theta, meta: dict, model_state: dict | None) -> None:
-  """Writes the step-0 checkpoint as `checkpoint.save_weights` does (same directory, items and on-disk format,
-  read back by `checkpoint.load`), with OCDBT data files of `OCDBT_DATA_FILE_BYTES`."""
-  import orbax.checkpoint as ocp
-
-  weights = {"theta": theta}
-  if model_state:
-    weights["model_state"] = model_state
-  directory = os.path.join(os.path.abspath(workdir), checkpoint.CKPT_SUBDIR)
-  mngr = ocp.CheckpointManager(
-    directory,
-    options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
-    item_names=("weights", "opt_state", "meta"),
-  )
-  try:
-    items = ocp.args.Composite(
-      weights=ocp.args.PyTreeSave(weights, ocdbt_target_data_file_size=OCDBT_DATA_FILE_BYTES),
-      meta=ocp.args.JsonSave(meta),
-    )
-    mngr.save(0, args=items, force=True)
-    mngr.wait_until_finished()
-  finally:
-    mngr.close()
 
 
 # ----------------------------------------------------------------------------
