@@ -202,7 +202,7 @@ class SafetensorsSource(TensorSource):
   def release(self, key) -> None:
     import mmap
 
-    if self._mmap is None:
+    if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):  # no madvise (Windows): the pages stay mapped
       return
     start, end = self._info[key]["data_offsets"]
     lo = (self._data_start + start) // mmap.PAGESIZE * mmap.PAGESIZE
