@@ -148,9 +148,18 @@ def run(config, workdir: str) -> dict:
     ValueError / OSError (CheckpointError, FileNotFoundError, PermissionError) naming the config key, flag or
     file: from the validation pass (`jaxlab.validate.job`, nothing written yet) or from the job.
   """
+  _validate(config, workdir)
+  return _execute(config, workdir)
+
+
+def _validate(config, workdir: str) -> None:
+  """`validate.job`, plus the pipeline name: the pipelines import train, which imports validate, so the
+  registry of pipelines is consulted here rather than inside `jaxlab.validate` (no import cycle)."""
   from jaxlab import validate
   validate.job(config, workdir)
-  return _execute(config, workdir)
+  if config.get("job", "train") == "pipeline":
+    from jaxlab import pipelines
+    pipelines.get(config.get("pipeline", ""))
 
 
 def _execute(config, workdir: str) -> dict:
@@ -294,9 +303,8 @@ def main(argv):
     raise app.UsageError("--config is required (for example ml_collections_configs/digits_vit.py)")
   if not workdir:
     raise app.UsageError("--workdir is required")
-  from jaxlab import validate
   try:  # 1. validate everything that can be, before anything is written
-    validate.job(config, workdir)
+    _validate(config, workdir)
   except _USER_ERRORS as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     logging.debug("full error", exc_info=True)

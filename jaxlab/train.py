@@ -14,7 +14,6 @@ again with the same command ends with bitwise the same parameters.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any
@@ -37,16 +36,7 @@ class NonFiniteError(FloatingPointError):
 # ----------------------------------------------------------------------------
 
 
-def resolve_steps(config, num_train: int) -> int:
-  """Total steps from `total_steps` or `total_epochs` (exactly one must be set)."""
-  steps, epochs = int(config.get("total_steps", 0) or 0), float(config.get("total_epochs", 0) or 0)
-  if steps and epochs:
-    raise ValueError("config: set only one of total_steps and total_epochs (the other to 0)")
-  if epochs:
-    return max(1, math.ceil(epochs * num_train / config.data.batch_size))
-  if steps <= 0:
-    raise ValueError("config.total_steps: must be positive (or set config.total_epochs)")
-  return steps
+resolve_steps = validate.resolve_steps  # steps from total_steps / total_epochs (checked there)
 
 
 # ----------------------------------------------------------------------------

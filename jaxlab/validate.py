@@ -239,7 +239,7 @@ def train_run(config, workdir: str) -> TrainPlan:
   """
   import jax
 
-  from jaxlab import data, train
+  from jaxlab import data
   numbers(config)
   check_paths(workdir, _paths(config, _TRAIN_INPUTS))
   check_checkpoints(_paths(config, _TRAIN_INPUTS))
@@ -258,8 +258,20 @@ def train_run(config, workdir: str) -> TrainPlan:
       if split not in dataset.splits:
         raise ValueError(f"config.{key}: data set {dataset.name!r} has no split {split!r}; "
                          f"splits: {sorted(dataset.splits)}")
-  total = train.resolve_steps(config, n_train)
+  total = resolve_steps(config, n_train)
   return TrainPlan(dataset=dataset, total_steps=total, resume_step=_check_resume(config, workdir, dataset, total))
+
+
+def resolve_steps(config, num_train: int) -> int:
+  """Total steps from `total_steps` or `total_epochs` (exactly one must be set)."""
+  steps, epochs = int(config.get("total_steps", 0) or 0), float(config.get("total_epochs", 0) or 0)
+  if steps and epochs:
+    raise ValueError("config: set only one of total_steps and total_epochs (the other to 0)")
+  if epochs:
+    return max(1, math.ceil(epochs * num_train / config.data.batch_size))
+  if steps <= 0:
+    raise ValueError("config.total_steps: must be positive (or set config.total_epochs)")
+  return steps
 
 
 def _check_resume(config, workdir: str, dataset, total: int) -> int | None:
@@ -345,15 +357,10 @@ def _transform_check(config, workdir: str) -> None:
   engine.check_output_dir(workdir, paths)
 
 
-def _pipeline_check(config, workdir: str) -> None:
-  from jaxlab import pipelines
-  pipelines.get(config.get("pipeline", ""))
-
-
 register("train", inputs=lambda c: _paths(c, _TRAIN_INPUTS), check=train_run)
 register("evaluate", inputs=lambda c: _paths(c, ("checkpoint",)), check=_evaluate_check)
 register("transform", inputs=_transform_inputs, check=_transform_check)
-register("pipeline", inputs=lambda c: _paths(c, _TRAIN_INPUTS), check=_pipeline_check)
+register("pipeline", inputs=lambda c: _paths(c, _TRAIN_INPUTS))  # name checked by main (pipelines import train)
 register("import", inputs=lambda c: _paths(c, ("source",)), check=lambda c, w: check_exist(_paths(c, ("source",))))
 register("export", inputs=lambda c: _paths(c, ("checkpoint",)), outputs=lambda c: _paths(c, ("out",)),
          check=lambda c, w: check_checkpoints(_paths(c, ("checkpoint",))))
