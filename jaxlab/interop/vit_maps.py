@@ -89,13 +89,7 @@ def vit_param_shapes(module, input_shape) -> dict[str, jax.ShapeDtypeStruct] | N
   m = module
   if type(m) is not vit_model.ViT or m.dense_factory is not vit_model.dense or len(input_shape) != 3:
     return None
-  if m.pool not in ("cls", "gap"):
-    raise ValueError(f"model.pool must be 'cls' or 'gap', got {m.pool!r}")
-  has_cls = m.pool == "cls" if m.class_token is None else bool(m.class_token)
-  if (m.pool == "cls" or m.distilled) and not has_cls:
-    raise ValueError("model.class_token=False needs model.pool='gap' and model.distilled=False")
-  if m.distilled and (m.pool != "cls" or m.final_norm != "tokens"):
-    raise ValueError("model.distilled needs model.pool='cls' and model.final_norm='tokens' (as DeiT)")
+  has_cls = m.has_class_token()
   if m.final_norm not in ("tokens", "pooled"):
     raise ValueError(f"model.final_norm must be 'tokens' or 'pooled', got {m.final_norm!r}")
   d, mlp, depth, p, k = int(m.width), int(m.mlp_dim), int(m.depth), int(m.patch_size), int(m.num_classes)

@@ -260,6 +260,21 @@ class ViT(nn.Module):
   scan_unroll: int = 1
   attention_impl: str = ""
 
+  def has_class_token(self) -> bool:
+    """Whether the token sequence starts with a class token; checks the token options (no parameters needed).
+
+    Raises:
+      ValueError: pool, class_token and distilled that do not fit together.
+    """
+    if self.pool not in ("cls", "gap"):
+      raise ValueError(f"model.pool must be 'cls' or 'gap', got {self.pool!r}")
+    has_cls = self.pool == "cls" if self.class_token is None else bool(self.class_token)
+    if (self.pool == "cls" or self.distilled) and not has_cls:
+      raise ValueError("model.class_token=False needs model.pool='gap' and model.distilled=False")
+    if self.distilled and (self.pool != "cls" or self.final_norm != "tokens"):
+      raise ValueError("model.distilled needs model.pool='cls' and model.final_norm='tokens' (as DeiT)")
+    return has_cls
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     if x.ndim == 2:  # [B, T] 1D signal with one channel
@@ -274,13 +289,7 @@ class ViT(nn.Module):
     x = embed(x.astype(self.dtype or jnp.float32))
     b = x.shape[0]
     x = x.reshape(b, -1, self.width)
-    if self.pool not in ("cls", "gap"):
-      raise ValueError(f"model.pool must be 'cls' or 'gap', got {self.pool!r}")
-    has_cls = self.pool == "cls" if self.class_token is None else bool(self.class_token)
-    if (self.pool == "cls" or self.distilled) and not has_cls:
-      raise ValueError("model.class_token=False needs model.pool='gap' and model.distilled=False")
-    if self.distilled and (self.pool != "cls" or self.final_norm != "tokens"):
-      raise ValueError("model.distilled needs model.pool='cls' and model.final_norm='tokens' (as DeiT)")
+    has_cls = self.has_class_token()
     prefix = []
     if has_cls:
       prefix.append(self.param("cls_token", nn.initializers.zeros, (1, 1, self.width), self.param_dtype))
