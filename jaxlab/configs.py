@@ -117,3 +117,17 @@ def vit_digits_model() -> ml_collections.ConfigDict:
       scan_unroll=1,         # blocks per layer-scan iteration (1 = rolled loop, depth = fully unrolled)
       attention_impl="",     # jax.nn.dot_product_attention implementation: '' (auto) | xla | cudnn | einsum
   ))
+
+
+def as_tuple(value, kind=str) -> tuple:
+  """A tuple from a tuple/list or comma-separated strings.
+
+  `--config.x.seeds=0,1` arrives as the string '0,1' and `--config.x.tasks=a,b` as ('a,b',) (ml_collections
+  wraps a value that is not a Python literal); both become `(0, 1)` / `('a', 'b')` here.
+  """
+  if isinstance(value, str):
+    value = [value]
+  out = []
+  for v in value:
+    out += [kind(x.strip()) for x in v.split(",") if x.strip()] if isinstance(v, str) else [kind(v)]
+  return tuple(out)

@@ -14,6 +14,8 @@ import os
 import pkgutil
 from collections.abc import Callable
 
+from jaxlab.configs import as_tuple  # noqa: F401  (the one list-key helper; kept here for old imports)
+
 _PIPELINES: dict[str, Callable] = {}
 
 
@@ -34,20 +36,6 @@ def get(name: str) -> Callable:
   if name not in _PIPELINES:
     raise ValueError(f"config.pipeline: unknown pipeline {name!r}; known: {', '.join(names())}")
   return _PIPELINES[name]
-
-
-def as_tuple(value, kind=str) -> tuple:
-  """A tuple from a tuple/list or comma-separated strings.
-
-  `--config.x.seeds=0,1` arrives as the string '0,1' and `--config.x.tasks=a,b` as ('a,b',) (ml_collections
-  wraps a value that is not a Python literal); both become `(0, 1)` / `('a', 'b')` here.
-  """
-  if isinstance(value, str):
-    value = [value]
-  out = []
-  for v in value:
-    out += [kind(x.strip()) for x in v.split(",") if x.strip()] if isinstance(v, str) else [kind(v)]
-  return tuple(out)
 
 
 def normalized(config, section: str, keys: dict):
