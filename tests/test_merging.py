@@ -525,27 +525,27 @@ def test_tensorwise_equals_model_streaming(world):
 
 
 def test_digit_tasks_are_fixed_transformations_of_the_same_images():
-  from jaxlab.pipelines import merging as exp
+  from jaxlab.data import digits_task as exp
 
-  plain = exp.build_task(ml_collections.ConfigDict({"name": "digits_task", "task": "identity"}))
+  plain = exp.build(ml_collections.ConfigDict({"name": "digits_task", "task": "identity"}))
   x, y = plain.splits["test"].arrays["inputs"], plain.splits["test"].arrays["label"]
   for task, fn in (
     ("invert", lambda a: 1 - a),
     ("rot90", lambda a: np.rot90(a, 1, (1, 2))),
     ("flip", lambda a: a[:, :, ::-1]),
   ):
-    ds = exp.build_task(ml_collections.ConfigDict({"name": "digits_task", "task": task}))
+    ds = exp.build(ml_collections.ConfigDict({"name": "digits_task", "task": task}))
     np.testing.assert_array_equal(ds.splits["test"].arrays["inputs"], fn(x))
     np.testing.assert_array_equal(ds.splits["test"].arrays["label"], y)
-  perm = exp.build_task(ml_collections.ConfigDict({"name": "digits_task", "task": "permute"})).splits["test"]
+  perm = exp.build(ml_collections.ConfigDict({"name": "digits_task", "task": "permute"})).splits["test"]
   np.testing.assert_array_equal(
     np.sort(perm.arrays["inputs"].reshape(len(x), -1), 1), np.sort(x.reshape(len(x), -1), 1)
   )
-  mixed = exp.build_task(ml_collections.ConfigDict({"name": "digits_task", "task": "mixed"})).splits["test"]
+  mixed = exp.build(ml_collections.ConfigDict({"name": "digits_task", "task": "mixed"})).splits["test"]
   which = np.random.default_rng(5).integers(0, 5, len(x))
   np.testing.assert_array_equal(mixed.arrays["inputs"][which == 1], 1 - x[which == 1])
   with pytest.raises(ValueError, match="config.data.task: unknown task 'nope'"):
-    exp.build_task(ml_collections.ConfigDict({"name": "digits_task", "task": "nope"}))
+    exp.build(ml_collections.ConfigDict({"name": "digits_task", "task": "nope"}))
 
 
 def test_magnitude_threshold_is_the_kth_smallest_value():

@@ -2,6 +2,7 @@
 
 from jaxlab.data import (  # noqa: F401  (register built-ins)
     digits,  # 'digits'
+    digits_task,  # 'digits_task' (the digits under a fixed input transformation)
     lra,  # 'lra_listops', 'lra_pathfinder' (from a user-supplied LRA release directory)
     mnist1d,  # 'mnist1d'
     sequences,  # 'listops', 'seq_digits', 'pathfinder'

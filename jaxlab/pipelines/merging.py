@@ -1,6 +1,6 @@
 """The model-merging experiment: one pre-trained model, fine-tunes on conflicting digit tasks, merges compared.
 
-Tasks are the digits under a fixed input transformation (`digits_task`, registered here): inverted
+Tasks are the digits under a fixed input transformation (data set `digits_task`, jaxlab/data/digits_task.py): inverted
 intensities, rotated by 90 degrees, mirrored, a fixed pixel permutation (`merging.tasks`). The model is
 pre-trained on `merging.pretrain_task` (default `mixed`: every image under one of the transformations or
 none, fixed per image, so it knows every task a little) and fine-tuned separately on each task. Each
@@ -29,69 +29,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxlab import checkpoint, data, pipelines, transforms
-from jaxlab.data import base as data_base
-from jaxlab.data import digits
+from jaxlab import checkpoint, pipelines, transforms
+from jaxlab.data import digits_task
 from jaxlab.transforms import engine, soups
 
 SPLITS = ("heldout", "test")
 EPS = 1e-9  # accuracies are ratios of counts: a gain of exactly the threshold (e.g. 36/360) passes
 
 
-# ----------------------------------------------------------------------------
-# Tasks: the digits under fixed input transformations
-# ----------------------------------------------------------------------------
-
-
-def _permutation() -> np.ndarray:
-  return np.random.default_rng(1234).permutation(64)
-
-
-TASKS = {
-  "identity": lambda x: x,
-  "invert": lambda x: 1.0 - x,
-  "rot90": lambda x: np.rot90(x, k=1, axes=(1, 2)),
-  "flip": lambda x: x[:, :, ::-1],
-  "permute": lambda x: x.reshape(len(x), 64, -1)[:, _permutation()].reshape(x.shape),
-}
-
-
-def mixed(x: np.ndarray) -> np.ndarray:
-  """Every image under one of the single-task transformations (including none), fixed per image position."""
-  names = [t for t in TASKS if t != "mixed"]
-  which = np.random.default_rng(5).integers(0, len(names), len(x))
-  out = np.empty_like(x)
-  for k, t in enumerate(names):
-    out[which == k] = TASKS[t](x[which == k])
-  return out
-
-
-TASKS["mixed"] = mixed
-
-
-@data_base.register("digits_task")
-def build_task(cfg) -> data.Dataset:
-  """The digits data set with every image transformed by `TASKS[cfg.task]` (same splits and labels)."""
-  task = cfg.get("task", "identity")
-  if task not in TASKS:
-    raise ValueError(f"config.data.task: unknown task {task!r}; known: {', '.join(TASKS)}")
-  ds = digits.build(cfg)
-  fn = TASKS[task]
-  splits = {
-    k: data.ArraySource(
-      {"inputs": np.ascontiguousarray(fn(v.arrays["inputs"]), np.float32), "label": v.arrays["label"]}
-    )
-    for k, v in ds.splits.items()
-    if k != "test_shift"
-  }
-  return data.Dataset(
-    name="digits_task",
-    num_classes=10,
-    splits=splits,
-    input_shape=ds.input_shape,
-    augment=ds.augment,
-    info={"task": task, "split_sizes": {k: len(v) for k, v in splits.items()}},
-  )
+TASKS = digits_task.TASKS
+build_task = digits_task.build
 
 
 # ----------------------------------------------------------------------------
