@@ -110,6 +110,7 @@ def vit_digits_model() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name="vit", patch_size=2, width=64, depth=4, num_heads=4, mlp_dim=128, pool="gap",
       final_norm="tokens", dropout=0.0, attn_dropout=0.0, drop_path=0.0, ln_eps=1e-6,
+      init_scheme="fan_in",  # 'fan_in' (kernels std 1/sqrt(fan_in)) | 'deit' (std 0.02, ImageNet widths); fairness.md
       # Performance keys (docs/performance.md); none changes the function the model computes beyond rounding:
       dtype="",              # compute dtype: '' = float32, 'bfloat16' = mixed precision (float32 softmax/logits)
       param_dtype="float32",  # parameter (master weight) dtype; the optimizer state follows it
