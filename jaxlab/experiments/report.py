@@ -1,0 +1,298 @@
+"""The one way an experiment reports: rows, seed statistics, baselines, preconditions, claims, results files.
+
+Rows are flat dicts, one per trained or evaluated model: `name` (the arm), `seed` (int), metrics (floats or None,
+accuracies as fractions) and any descriptive fields (`depth`, `ratio`, ...). `aggregate` groups them and takes
+the mean and the sample standard deviation (ddof=1) over seeds; every table states that convention (`STD_NOTE`).
+
+`Report` collects a page (title, setup text, tables), preconditions and claims, and `Report.write` writes
+`results.json` (rows, preconditions, claims, stages with their overrides, command, machine, std convention,
+config), `results.md` (the same, in reading order) and the figures, into the experiment's workdir.
+
+Preconditions are `{name, value, threshold, holds}`; claims `{claim, verdict, evidence}` with verdict one of
+`VERDICTS`. A claim whose preconditions do not all hold is "not tested", whatever its numbers say.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+STD_NOTE = "mean ± sample std over seeds (ddof=1; 0 with one seed)"
+VERDICTS = ("holds", "does not hold", "not tested")
+EPS = 1e-9  # accuracies are ratios of counts: a value exactly at its threshold passes
+
+
+# ----------------------------------------------------------------------------- statistics and baselines
+
+
+def stats(values: Iterable[float]) -> dict:
+  """{'mean', 'std' (sample, ddof=1; 0.0 for one value), 'n', 'values'} of the non-None `values`."""
+  v = np.asarray([x for x in values if x is not None], np.float64)
+  if v.size == 0:
+    return {"mean": None, "std": None, "n": 0, "values": []}
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size),
+          "values": v.tolist()}
+
+
+def aggregate(rows: Sequence[dict], by: str | Sequence[str] = "name", value: str = "test_acc",
+              seeds: Sequence[int] | None = None, seed_key: str = "seed") -> list[dict]:
+  """Rows grouped by the fields `by`, with `stats` of `value` over their seeds, in order of first appearance.
+
+  Args:
+    rows: result rows.
+    by: the grouping field(s), e.g. ('name', 'depth').
+    value: the metric to summarise.
+    seeds: only rows whose `seed_key` is one of these (None: all rows).
+    seed_key: the row field holding the seed.
+
+  Returns:
+    One dict per group: the `by` fields, `stats(...)` keys (mean, std, n, values) and `seeds`.
+
+  Raises:
+    ValueError: two rows of one group with the same seed (they would be counted twice).
+  """
+  by = (by,) if isinstance(by, str) else tuple(by)
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    if seeds is not None and r.get(seed_key) not in seeds:
+      continue
+    if r.get(value) is None:
+      continue
+    groups.setdefault(tuple(r.get(k) for k in by), []).append(r)
+  out = []
+  for key, rs in groups.items():
+    got = [r.get(seed_key) for r in rs]
+    if len(set(got)) != len(got):
+      raise ValueError(f"aggregate: group {dict(zip(by, key, strict=True))} has seed(s) {got} more than once")
+    out.append({**dict(zip(by, key, strict=True)), **stats(r[value] for r in rs), "seeds": got})
+  return out
+
+
+def lookup(groups: Sequence[dict], **fields) -> dict | None:
+  """The first group of `aggregate(...)` whose fields equal `fields`, or None."""
+  return next((g for g in groups if all(g.get(k) == v for k, v in fields.items())), None)
+
+
+def majority_baseline(labels) -> dict:
+  """The trivial classifier that always predicts the most frequent label of `labels` (the evaluated split's).
+
+  Returns:
+    {'label': that class, 'accuracy': its frequency, 'n': number of examples}: the accuracy a model must beat,
+    which is 1/K only for a balanced split.
+  """
+  y = np.asarray(labels).reshape(-1)
+  if y.size == 0:
+    raise ValueError("majority_baseline: the split has no labels")
+  classes, counts = np.unique(y, return_counts=True)
+  k = int(np.argmax(counts))
+  return {"label": classes[k].item(), "accuracy": float(counts[k] / y.size), "n": int(y.size)}
+
+
+def split_labels(data_cfg, split: str = "test"):
+  """The labels of `split` of the data set that `data_cfg` (a config's `data` section) builds."""
+  from jaxlab import data
+  ds = data.get_dataset(data_cfg)
+  if split not in ds.splits:
+    raise ValueError(f"config.data: data set {ds.name!r} has no split {split!r}; it has {sorted(ds.splits)}")
+  return ds.splits[split].arrays["label"]
+
+
+# ----------------------------------------------------------------------------- preconditions and claims
+
+
+def precondition(name: str, value: float, threshold: float, *, at_most: bool = False) -> dict:
+  """{name, value, threshold, holds}: holds when value >= threshold (value <= threshold with `at_most`)."""
+  value, threshold = float(value), float(threshold)
+  holds = value <= threshold + EPS if at_most else value >= threshold - EPS
+  return {"name": name, "value": value, "threshold": threshold, "holds": bool(holds)}
+
+
+def claim(text: str, holds: bool | None, evidence: str, requires: Sequence[dict] = ()) -> dict:
+  """{claim, verdict, evidence}. `holds` True/False gives 'holds'/'does not hold', None 'not tested'; any failed
+  precondition in `requires` makes it 'not tested', its evidence naming the failed preconditions."""
+  failed = [p["name"] for p in requires if not p["holds"]]
+  if failed:
+    return {"claim": text, "verdict": "not tested", "evidence": "precondition failed: " + "; ".join(failed)}
+  verdict = VERDICTS[2] if holds is None else VERDICTS[0] if holds else VERDICTS[1]
+  return {"claim": text, "verdict": verdict, "evidence": evidence}
+
+
+# ----------------------------------------------------------------------------- command and machine lines
+
+
+def _quote(arg: str) -> str:
+  """A shell word as one would type it: "--config.x=('a','b')" in double quotes."""
+  if shlex.quote(arg) == arg or any(c in arg for c in '"$`\\'):
+    return shlex.quote(arg)
+  return f'"{arg}"'
+
+
+def command(workdir: str, config_file: str) -> str:
+  """The command line that wrote `workdir`: its config file (with its `:arg`, from the latest recorded attempt
+  when `jaxlab.main` ran it; else `ml_collections_configs/<config_file>`) and the overrides recorded in
+  `<workdir>/overrides.txt`."""
+  cfg = f"ml_collections_configs/{config_file}"
+  attempts = os.path.join(workdir, "attempts")
+  if os.path.isdir(attempts):
+    latest = max((d for d in os.listdir(attempts) if d.isdigit()), default=None)
+    path = os.path.join(attempts, latest or "", "command.txt")
+    if latest and os.path.exists(path):
+      cfg = next((a.split("=", 1)[1] for a in shlex.split(open(path).read()) if a.startswith("--config=")), cfg)
+  path = os.path.join(workdir, "overrides.txt")
+  overrides = [o for o in open(path).read().split("\n") if o.strip()] if os.path.exists(path) else []
+  rel = os.path.relpath(workdir)
+  shown = rel if not rel.startswith("..") else os.path.abspath(workdir)
+  return " ".join(["python -m jaxlab.main", _quote(f"--config={cfg}"), _quote(f"--workdir={shown}"),
+                   *(_quote(o) for o in overrides)])
+
+
+def machine() -> str:
+  """What the numbers were measured on: the jax devices and the host's CPU count (never hard-coded)."""
+  import platform
+
+  import jax
+  devs = jax.devices()
+  kinds = sorted({d.device_kind for d in devs})
+  return (f"{len(devs)} x {'/'.join(kinds)} ({devs[0].platform}), {os.cpu_count()} CPU cores, "
+          f"{platform.system()} {platform.machine()}, jax {jax.__version__}")
+
+
+# ----------------------------------------------------------------------------- tables and figures
+
+
+def pm(group: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+  """'mean ± std' of a `stats`/`aggregate` group (scaled, e.g. fractions to %), '-' when missing."""
+  if not group or group.get("mean") is None:
+    return "-"
+  return f"{scale * group['mean']:.{digits}f} ± {scale * group['std']:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], body: Iterable[Sequence]) -> list[str]:
+  """Markdown lines of a table."""
+  lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
+  return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+
+
+def figure(path: str, draw: Callable, ncols: int = 1, size: tuple[float, float] = (6.5, 4.2)) -> str:
+  """Draws `draw(axes)` (one Axes, or a list with `ncols` > 1) with matplotlib's Agg backend into `path`."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, ncols, figsize=(size[0] * ncols, size[1]))
+  draw(axes)
+  for ax in np.atleast_1d(axes):
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+class Report:
+  """The results page of one experiment: built in reading order, written by `write`.
+
+  Args:
+    experiment: the `runner.Experiment` whose workdir, stages, config and wall time are reported.
+    title: the page title.
+  """
+
+  def __init__(self, experiment, title: str):
+    self.exp = experiment
+    self.title = title
+    self.rows: list[dict] = []
+    self.lines: list[str] = []
+    self.preconditions: list[dict] = []
+    self.claims: list[dict] = []
+    self.figures: dict[str, Callable] = {}
+    self.extra: dict = {}
+
+  def text(self, *paragraphs: str) -> Report:
+    """Adds paragraphs (or markdown lines) to the page."""
+    for p in paragraphs:
+      self.lines += [p, ""]
+    return self
+
+  def table(self, header: Sequence[str], body: Iterable[Sequence], caption: str = "") -> Report:
+    """Adds a table; its caption states the std convention (`STD_NOTE`)."""
+    self.lines += [f"{caption} ({STD_NOTE}).".lstrip() if caption else f"Values: {STD_NOTE}.", ""]
+    self.lines += markdown_table(header, body) + [""]
+    return self
+
+  def precondition(self, *args, **kwargs) -> dict:
+    """Records and returns `precondition(...)`."""
+    p = precondition(*args, **kwargs)
+    self.preconditions.append(p)
+    return p
+
+  def claim(self, *args, **kwargs) -> dict:
+    """Records and returns `claim(...)`."""
+    c = claim(*args, **kwargs)
+    self.claims.append(c)
+    return c
+
+  def figure(self, name: str, draw: Callable, ncols: int = 1, size: tuple[float, float] = (6.5, 4.2)) -> None:
+    """A figure `name` (e.g. 'pela.png') drawn by `draw(axes)` when the report is written."""
+    self.figures[name] = lambda path: figure(path, draw, ncols, size)
+
+  def results(self) -> dict:
+    """The results.json object."""
+    from jaxlab.experiments.runner import jsonable
+    exp = self.exp
+    return jsonable({
+        "title": self.title, "command": command(exp.workdir, exp.config_file), "machine": machine(),
+        "std": STD_NOTE, "wall_s": exp.wall_s(), "rows": self.rows, "preconditions": self.preconditions,
+        "claims": self.claims, "stages": exp.stages, "figures": sorted(self.figures), **self.extra,
+        "config": json.loads(exp.config.to_json_best_effort())})
+
+  def markdown(self, results: dict) -> str:
+    """results.md: title, command, machine, the page, preconditions, claims, every stage's overrides."""
+    lines = [f"# {self.title}", "", f"Command: `{results['command']}`", "",
+             f"Machine: {results['machine']}. Wall time of this invocation: {results['wall_s'] / 60:.1f} min "
+             "(stages already done were not re-run).", "", *self.lines]
+    if self.preconditions:
+      lines += ["## Preconditions", ""]
+      lines += markdown_table(("precondition", "value", "threshold", "holds"),
+                              ((p["name"], f"{p['value']:.4g}", f"{p['threshold']:.4g}", p["holds"])
+                               for p in self.preconditions)) + [""]
+    if self.claims:
+      lines += ["## Claims", ""]
+      lines += markdown_table(("claim", "verdict", "evidence"),
+                              ((c["claim"], f"**{c['verdict']}**", c["evidence"]) for c in self.claims)) + [""]
+    lines += ["## Stages", "", "Each stage's workdir holds `overrides.json` (what it was asked) and `stage.json` "
+              "(that and its summary).", ""]
+    lines += markdown_table(("stage", "overrides of the base config / transform"),
+                            ((f"`{s['name']}`", _describe(s["request"], self.exp.workdir))
+                             for s in results["stages"]))
+    return "\n".join(lines) + "\n"
+
+  def write(self) -> dict:
+    """Writes results.json, results.md and the figures into the experiment's workdir; returns the results."""
+    results = self.results()
+    wd = self.exp.workdir
+    with open(os.path.join(wd, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    with open(os.path.join(wd, "results.md"), "w") as f:
+      f.write(self.markdown(results))
+    for name, draw in self.figures.items():
+      draw(os.path.join(wd, name))
+    return results
+
+
+def _describe(request: dict, workdir: str) -> str:
+  """One table cell: `key=value` overrides of a train stage, or `transform(inputs; args)`."""
+  def short(v):
+    s = json.dumps(v, separators=(",", ":")) if isinstance(v, (dict, list)) else repr(v)
+    return s.replace("|", "/")
+  if request.get("kind") == "transform":
+    root = os.path.abspath(workdir)
+    ins = ", ".join(os.path.relpath(p, root) if p.startswith(root + os.sep) else p for p in request["inputs"])
+    args = ", ".join(f"{k}={short(v)}" for k, v in request["args"].items())
+    return f"`{request['transform']}`({ins}{'; ' + args if args else ''})"
+  return ", ".join(f"`{k}={short(v)}`" for k, v in request["overrides"].items()) or "(none)"

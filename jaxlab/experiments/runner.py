@@ -1,0 +1,211 @@
+"""Stages of a method's experiment, declared over one base config, run with one done-marker rule.
+
+A pipeline builds an `Experiment(config, workdir, section)` and runs stages:
+
+  TrainStage(name, overrides)                       trains `derive(base, **overrides)` in `<workdir>/<name>`
+  TransformStage(name, transform, inputs, args)     runs a checkpoint transform into `<workdir>/<name>`
+
+`name` is a path under the workdir ('teacher', 'r2/seed0/svd_ft'). Every stage writes `overrides.json` (what it
+was asked to do: the dotted overrides of a train stage; transform, inputs and args of a transform stage) when it
+starts and `stage.json` (that record plus the stage's summary) when it ends. A stage whose `stage.json` exists is
+done: re-running the pipeline returns its recorded summary without running it, so an interrupted experiment
+resumes stage by stage (an unfinished train stage resumes from its last checkpoint). A done stage asked to do
+something else (other overrides) is refused with one line naming the stage and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+DONE_FILE = "stage.json"          # the one done-marker of both stage kinds
+REQUEST_FILE = "overrides.json"   # what the stage was asked to do, written when it starts
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStage:
+  """Trains the experiment's base config with `overrides` (dotted keys, e.g. {'optimizer.lr': 1e-3})."""
+  name: str
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformStage:
+  """Runs the registered checkpoint transform `transform` over `inputs` (checkpoint workdirs) with `args`."""
+  name: str
+  transform: str
+  inputs: Sequence[str]
+  args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def jsonable(x):
+  """`x` with ConfigDicts, tuples and numpy/jax scalars turned into JSON types (dicts, lists, numbers)."""
+  if isinstance(x, ml_collections.ConfigDict):
+    x = x.to_dict()
+  if isinstance(x, Mapping):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+    return x.item()
+  if hasattr(x, "tolist"):
+    return x.tolist()
+  return x
+
+
+def derive(config, overrides: Mapping[str, Any] | None = None, /, **dotted) -> ml_collections.ConfigDict:
+  """An unlocked copy of `config` with dotted-key overrides applied.
+
+  `derive(c, **{'optimizer.lr': 1e-3, 'model': {...}})` or `derive(c, {'optimizer.lr': 1e-3})`. Every key must
+  already exist in `config` (a typo is refused, never silently added); a dict value replaces that whole section
+  (e.g. a new `model` or `parameterization`).
+
+  Raises:
+    ValueError: a key that `config` does not have, or a value of the wrong type, naming the key.
+  """
+  out = ml_collections.ConfigDict(config.to_dict())
+  for key, value in {**(overrides or {}), **dotted}.items():
+    node, parts = out, key.split(".")
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = ".".join(parts[:i]) or "the config"
+        raise ValueError(f"stage override {key!r}: {where} has no key {part!r}; overrides may only change keys "
+                         "the config declares (declare it in the config file)")
+      if i < len(parts) - 1:
+        node = node[part]
+    if isinstance(value, Mapping):
+      value = ml_collections.ConfigDict(dict(value))
+    try:
+      if isinstance(value, ml_collections.ConfigDict) or isinstance(node[parts[-1]], ml_collections.ConfigDict):
+        del node[parts[-1]]  # a section is replaced as a whole
+      node[parts[-1]] = value
+    except TypeError as e:
+      raise ValueError(f"stage override {key}={value!r}: {e}") from e
+  return out
+
+
+def _read(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write(path: str, obj) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)  # a marker is never half-written
+
+
+class Experiment:
+  """One method's experiment in `workdir`: the base config its stages derive from, and the stages run so far.
+
+  Attributes:
+    config: an unlocked copy of the pipeline config.
+    section: `config.<section>`, the method's own keys (e.g. `config.pela`).
+    base: what train stages derive from: `config` with `job='train'`, without `pipeline` and the section.
+    workdir: the experiment's directory.
+    stages: one record per stage run or skipped, in order: {name, kind, request, skipped, wall_s}.
+  """
+
+  def __init__(self, config, workdir: str, section: str, config_file: str | None = None):
+    """Args: the pipeline `config`, its `workdir`, the method's config `section` and its config file name (for
+    the `Command:` line, e.g. 'pela.py'; default '<section>.py')."""
+    if section not in config:
+      raise ValueError(f"config.{section}: missing; the pipeline's keys live under config.{section}")
+    self.config = ml_collections.ConfigDict(config.to_dict())
+    self.section = self.config[section]
+    self.section_name = section
+    self.config_file = config_file or f"{section}.py"
+    self.base = ml_collections.ConfigDict(self.config.to_dict())
+    self.base.job = "train"
+    for key in ("pipeline", section):
+      if key in self.base:
+        del self.base[key]
+    self.workdir = workdir
+    self.stages: list[dict] = []
+    self.t0 = time.time()
+    os.makedirs(workdir, exist_ok=True)
+
+  def path(self, name: str) -> str:
+    """The absolute workdir of stage `name`."""
+    return os.path.abspath(os.path.join(self.workdir, name))
+
+  def derive(self, **dotted) -> ml_collections.ConfigDict:
+    """`derive(self.base, **dotted)`."""
+    return derive(self.base, **dotted)
+
+  def run(self, stage: TrainStage | TransformStage) -> dict:
+    """Runs `stage` unless its `stage.json` exists; returns its summary (recorded or fresh).
+
+    Train stages return `train.train_and_evaluate`'s summary; transform stages `{'workdir', 'transform',
+    'report', 'inputs'}`.
+
+    Raises:
+      ValueError: a bad override (from `derive`), or a done stage asked to do something else.
+    """
+    sub = self.path(stage.name)
+    if isinstance(stage, TrainStage):
+      request = {"kind": "train", "overrides": jsonable(dict(stage.overrides))}
+      config = derive(self.base, dict(stage.overrides))  # refused before anything is written
+    elif isinstance(stage, TransformStage):
+      request = {"kind": "transform", "transform": stage.transform,
+                 "inputs": [os.path.abspath(p) for p in stage.inputs], "args": jsonable(dict(stage.args))}
+    else:
+      raise TypeError(f"Experiment.run: {type(stage).__name__} is not a TrainStage or TransformStage")
+    t0 = time.time()
+    done = _read(os.path.join(sub, DONE_FILE))
+    if done is not None:
+      _check_same(stage.name, done["request"], request)
+      self.stages.append({"name": stage.name, "request": request, "skipped": True, "wall_s": 0.0})
+      return done["summary"]
+    os.makedirs(sub, exist_ok=True)
+    _write(os.path.join(sub, REQUEST_FILE), request)
+    if isinstance(stage, TrainStage):
+      from jaxlab import train
+      summary = train.train_and_evaluate(config, sub)
+    else:
+      summary = _transform(sub, request)
+    summary = jsonable(summary)
+    _write(os.path.join(sub, DONE_FILE), {"request": request, "summary": summary})
+    self.stages.append({"name": stage.name, "request": request, "skipped": False, "wall_s": time.time() - t0})
+    return summary
+
+  def run_all(self, stages: Sequence[TrainStage | TransformStage]) -> dict[str, dict]:
+    """Runs `stages` in order; returns `{name: summary}`."""
+    return {s.name: self.run(s) for s in stages}
+
+  def wall_s(self) -> float:
+    """Seconds since the experiment object was made (this invocation's wall time)."""
+    return time.time() - self.t0
+
+
+def _transform(sub: str, request: dict) -> dict:
+  from jaxlab import checkpoint
+  from jaxlab.transforms import engine
+  ckpts = os.path.join(sub, checkpoint.CKPT_SUBDIR)
+  if os.path.isdir(ckpts) and checkpoint.steps(ckpts):  # written before the marker was: adopt it
+    meta = checkpoint.load_meta(sub)
+    return {"workdir": sub, "transform": request["transform"], "report": meta["provenance"].get("report", {}),
+            "inputs": meta["provenance"].get("inputs", [])}
+  cfg = ml_collections.ConfigDict({"job": "transform", "transform": request["transform"],
+                                   "inputs": tuple(request["inputs"]), "args": dict(request["args"])})
+  return engine.run(cfg, sub)
+
+
+def _check_same(name: str, old: dict, new: dict) -> None:
+  """Raises when a done stage's recorded request differs from the one now asked for (a stale workdir)."""
+  if old == new:
+    return
+  o, n = old.get("overrides", old), new.get("overrides", new)
+  keys = sorted(k for k in set(o) | set(n) if o.get(k) != n.get(k))
+  key = keys[0] if keys else "kind"
+  raise ValueError(f"stage {name!r} is done with {key}={o.get(key)!r} but is now asked for {key}={n.get(key)!r}; "
+                   f"use a new --workdir or delete {name}/{DONE_FILE} to redo it")

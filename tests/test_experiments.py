@@ -1,0 +1,155 @@
+"""The experiment runner and report: derive, the done-marker, aggregation, baselines, command line, claims."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxlab import configs
+from jaxlab.experiments import (
+    Experiment,
+    Report,
+    TrainStage,
+    TransformStage,
+    aggregate,
+    claim,
+    command,
+    derive,
+    machine,
+    majority_baseline,
+    precondition,
+    stats,
+)
+
+
+def _config():
+  c = configs.base()
+  c.job, c.pipeline = "pipeline", "toy"
+  c.toy = {"steps": 3, "lr": 0.5}
+  return c
+
+
+def test_derive_refuses_unknown_keys_and_replaces_sections():
+  c = _config()
+  with pytest.raises(ValueError, match=r"optimizer has no key 'lrr'"):
+    derive(c, **{"optimizer.lrr": 1e-3})
+  with pytest.raises(ValueError, match=r"the config has no key 'modle'"):
+    derive(c, modle={"name": "vit"})
+  d = derive(c, **{"optimizer.lr": 0.25, "model": {"name": "vit", "depth": 3}})
+  assert d.optimizer.lr == 0.25 and d.model.to_dict() == {"name": "vit", "depth": 3}
+  assert c.optimizer.lr == 1e-3 and "depth" not in c.model  # the base is untouched
+
+
+@pytest.fixture
+def fake_jobs(monkeypatch):
+  """Counts train / transform runs; a stage 'trains' by returning its lr as its accuracy."""
+  calls = {"train": 0, "transform": 0}
+
+  def train(config, workdir):
+    calls["train"] += 1
+    return {"workdir": workdir, "test_accuracy": float(config.optimizer.lr), "steps": int(config.total_steps)}
+
+  def transform(config, workdir):
+    calls["transform"] += 1
+    return {"workdir": workdir, "transform": config.transform, "report": {"n": len(config.inputs)}}
+
+  from jaxlab import train as train_mod
+  from jaxlab.transforms import engine
+  monkeypatch.setattr(train_mod, "train_and_evaluate", train)
+  monkeypatch.setattr(engine, "run", transform)
+  return calls
+
+
+def test_stages_record_overrides_and_are_skipped_when_done(tmp_path, fake_jobs):
+  wd = str(tmp_path)
+  for attempt in (1, 2):
+    exp = Experiment(_config(), wd, "toy")
+    assert "toy" not in exp.base and "pipeline" not in exp.base and exp.base.job == "train"
+    s = exp.run(TrainStage("a/s0", {"optimizer.lr": exp.section.lr, "total_steps": exp.section.steps}))
+    t = exp.run(TransformStage("soup", "uniform_soup", [exp.path("a/s0"), exp.path("a/s0")], {"scale": 1.0}))
+    assert s["test_accuracy"] == 0.5 and s["steps"] == 3 and t["report"] == {"n": 2}
+    assert [st["skipped"] for st in exp.stages] == [attempt == 2] * 2
+  assert fake_jobs == {"train": 1, "transform": 1}  # the second pass ran nothing
+  req = json.load(open(tmp_path / "a" / "s0" / "overrides.json"))
+  assert req == {"kind": "train", "overrides": {"optimizer.lr": 0.5, "total_steps": 3}}
+  assert json.load(open(tmp_path / "soup" / "stage.json"))["request"]["args"] == {"scale": 1.0}
+  # a done stage asked for something else is refused, naming the key
+  with pytest.raises(ValueError, match=r"stage 'a/s0' is done with optimizer.lr=0.5 but is now asked for"):
+    Experiment(_config(), wd, "toy").run(TrainStage("a/s0", {"optimizer.lr": 0.1, "total_steps": 3}))
+  # results.md shows the overrides of every stage
+  rep = Report(exp, "Toy")
+  rep.write()
+  md = open(tmp_path / "results.md").read()
+  assert "`a/s0` | `optimizer.lr=0.5`, `total_steps=3`" in md
+  assert "`uniform_soup`(a/s0, a/s0; scale=1.0)" in md
+
+
+def test_aggregate_is_sample_std_over_seeds():
+  rows = [{"name": "a", "seed": s, "test_acc": v} for s, v in enumerate((0.5, 0.7, 0.9))]
+  rows += [{"name": "b", "seed": 0, "test_acc": 0.4}, {"name": "b", "seed": 1, "test_acc": None}]
+  a, b = aggregate(rows, by="name")
+  assert a["name"] == "a" and a["n"] == 3 and a["mean"] == pytest.approx(0.7)
+  assert a["std"] == pytest.approx(0.2)  # ddof=1: sqrt((0.04 + 0 + 0.04) / 2); ddof=0 would be 0.163
+  assert b["n"] == 1 and b["std"] == 0.0 and b["seeds"] == [0]
+  assert aggregate(rows, by="name", seeds=(0, 1))[0]["values"] == [0.5, 0.7]
+  with pytest.raises(ValueError, match="more than once"):
+    aggregate(rows + [{"name": "a", "seed": 0, "test_acc": 1.0}])
+  assert stats([1.0, 2.0, 4.0])["std"] == pytest.approx(np.std([1.0, 2.0, 4.0], ddof=1))
+
+
+def test_majority_baseline_is_the_most_frequent_label_of_the_split():
+  base = majority_baseline(np.array([0, 1, 1, 2, 1, 3, 3, 1, 0, 2]))
+  assert base == {"label": 1, "accuracy": 0.4, "n": 10}  # not 1/K = 0.25
+  with pytest.raises(ValueError, match="no labels"):
+    majority_baseline([])
+
+
+def test_command_line_has_the_config_argument_and_the_overrides(tmp_path):
+  wd = tmp_path / "run"
+  (wd / "attempts" / "001").mkdir(parents=True)
+  (wd / "attempts" / "002").mkdir()
+  (wd / "attempts" / "002" / "command.txt").write_text(
+      "/usr/bin/python jaxlab/main.py --config=ml_collections_configs/learngene.py:methods=sws "
+      f"--workdir={wd} --config.learngene.seeds=0,1\n")
+  (wd / "overrides.txt").write_text("--config.learngene.seeds=0,1\n--config.x=('a','b')\n")
+  line = command(str(wd), "learngene.py")
+  assert line.startswith("python -m jaxlab.main --config=ml_collections_configs/learngene.py:methods=sws ")
+  assert line.endswith(" --config.learngene.seeds=0,1 \"--config.x=('a','b')\"")
+  # without a recorded attempt (a library call): the default config file
+  assert command(str(tmp_path), "pela.py").startswith("python -m jaxlab.main --config=ml_collections_configs/pela.py")
+
+
+def test_machine_line_names_devices_and_cpu_count():
+  line = machine()
+  assert f"{os.cpu_count()} CPU cores" in line and "cpu" in line.lower()
+
+
+def test_a_failed_precondition_makes_a_claim_not_tested():
+  ok = precondition("teacher beats plain", 0.95, 0.9)
+  bad = precondition("loss below unigram", 2.5, 2.0, at_most=True)
+  assert ok["holds"] and not bad["holds"]
+  assert precondition("at threshold", 36 / 360, 0.1)["holds"]
+  assert claim("A beats B", True, "+3 pp", requires=[ok])["verdict"] == "holds"
+  assert claim("A beats B", False, "-1 pp", requires=[ok])["verdict"] == "does not hold"
+  c = claim("A beats B", True, "+3 pp", requires=[ok, bad])
+  assert c == {"claim": "A beats B", "verdict": "not tested", "evidence": "precondition failed: loss below unigram"}
+
+
+def test_report_writes_rows_preconditions_claims_and_figures(tmp_path, fake_jobs):
+  exp = Experiment(_config(), str(tmp_path), "toy")
+  rep = Report(exp, "Toy experiment")
+  rep.rows = [{"name": "a", "seed": s, "test_acc": v} for s, v in enumerate((0.5, 0.7))]
+  g = aggregate(rep.rows)[0]
+  rep.table(("model", "test acc (%)"), [("a", f"{100 * g['mean']:.1f} ± {100 * g['std']:.1f}")], "Test accuracy")
+  p = rep.precondition("a learned", g["mean"], 0.9)
+  rep.claim("a is good", True, "mean 60%", requires=[p])
+  rep.figure("toy.png", lambda ax: ax.plot([0, 1], [0, 1]))
+  res = rep.write()
+  on_disk = json.load(open(tmp_path / "results.json"))
+  assert on_disk["rows"] == res["rows"] and len(on_disk["rows"]) == 2
+  assert on_disk["claims"][0]["verdict"] == "not tested" and on_disk["preconditions"][0]["holds"] is False
+  assert "ddof=1" in on_disk["std"]
+  md = open(tmp_path / "results.md").read()
+  assert "60.0 ± 14.1" in md and "(mean ± sample std over seeds (ddof=1" in md and "**not tested**" in md
+  assert os.path.getsize(tmp_path / "toy.png") > 0
