@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab import models, parameterizations
+from jaxlab import parameterizations
+from jaxlab.models import registry as model_registry  # not `jaxlab.models`: model modules import this one
 
 
 def to_dict(cfg) -> dict:
@@ -21,7 +22,7 @@ def to_dict(cfg) -> dict:
 
 
 def model(model_cfg, num_classes: int):
-  return models.build(to_dict(model_cfg), num_classes)
+  return model_registry.build(to_dict(model_cfg), num_classes)
 
 
 def dummy_input(input_shape, input_dtype, batch: int = 1):

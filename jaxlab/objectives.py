@@ -25,9 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-_TERMS: dict[str, tuple[Callable, tuple[str, ...]]] = {}
-_PREPARERS: dict[str, Callable] = {}
-_EVALS: dict[str, Callable] = {}
+from jaxlab.registry import Registry
 
 
 @dataclasses.dataclass
@@ -44,75 +42,63 @@ class Context:
   rng: Any = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """A registered loss term: `fn(ctx, cfg) -> scalar` and what its context needs ('teacher', 'features')."""
+  fn: Callable
+  needs: tuple[str, ...] = ()
+
+
+# Every module of jaxlab.losses may register terms, preparers and evals (found on the first lookup).
+TERMS = Registry("loss term", key="config.objective.weights", package="jaxlab.losses")
+PREPARERS = Registry("preparer", key="config.objective.prepare", package="jaxlab.losses")
+EVALS = Registry("eval", key="config.objective.eval", package="jaxlab.losses")
+
+
 def register_term(name: str, needs: tuple[str, ...] = ()):
-  def wrap(fn):
-    _TERMS[name] = (fn, tuple(needs))
-    return fn
-  return wrap
+  """Decorator registering `fn(ctx, cfg) -> scalar` as loss term `name`."""
+  return TERMS.register(name, wrap=lambda fn: Term(fn, tuple(needs)))
 
 
 def register_preparer(name: str):
-  def wrap(fn):
-    _PREPARERS[name] = fn
-    return fn
-  return wrap
+  """Decorator registering a batch preparer `fn(batch, rng, cfg) -> batch` under `name`."""
+  return PREPARERS.register(name)
 
 
 def register_eval(name: str):
-  def wrap(fn):
-    _EVALS[name] = fn
-    return fn
-  return wrap
-
-
-def _import_builtins():
-  import importlib
-  import pkgutil
-
-  import jaxlab.losses as pkg
-  for mod in pkgutil.iter_modules(pkg.__path__):
-    importlib.import_module(f"jaxlab.losses.{mod.name}")
+  """Decorator registering an eval metric function `fn(logits, batch) -> metric sums` under `name`."""
+  return EVALS.register(name)
 
 
 def active_terms(cfg) -> dict[str, float]:
-  _import_builtins()
   weights = dict(cfg.get("weights", {"cross_entropy": 1.0}))
-  unknown = [k for k in weights if k not in _TERMS]
+  unknown = [k for k in weights if k not in TERMS]
   if unknown:
-    raise ValueError(f"config.objective.weights: unknown loss terms {unknown}; known: {sorted(_TERMS)}")
+    raise ValueError(f"config.objective.weights: unknown loss terms {unknown}; known: {TERMS.names()}")
   return {k: float(v) for k, v in weights.items() if float(v) != 0.0}
 
 
 def needs(cfg) -> set[str]:
   out = set()
   for name in active_terms(cfg):
-    out |= set(_TERMS[name][1])
+    out |= set(TERMS.get(name).needs)
   return out
 
 
 def get_preparer(cfg):
-  _import_builtins()
   name = cfg.get("prepare", "")
-  if not name:
-    return None
-  if name not in _PREPARERS:
-    raise ValueError(f"config.objective.prepare: unknown preparer {name!r}; known: {sorted(_PREPARERS)}")
-  return _PREPARERS[name]
+  return PREPARERS.get(name) if name else None
 
 
 def get_eval(cfg):
-  _import_builtins()
-  name = cfg.get("eval", "classification")
-  if name not in _EVALS:
-    raise ValueError(f"config.objective.eval: unknown eval {name!r}; known: {sorted(_EVALS)}")
-  return _EVALS[name]
+  return EVALS.get(cfg.get("eval", "classification"))
 
 
 def total_loss(ctx: Context, cfg) -> tuple[jax.Array, dict]:
   """Weighted sum of the active terms, and each term's value as a metric."""
   metrics, loss = {}, 0.0
   for name, w in active_terms(cfg).items():
-    value = _TERMS[name][0](ctx, cfg)
+    value = TERMS.get(name).fn(ctx, cfg)
     metrics[f"loss/{name}"] = value
     loss = loss + w * value
   return jnp.asarray(loss, jnp.float32), metrics

@@ -19,19 +19,19 @@ from typing import Any
 
 import numpy as np
 
-_BUILDERS: dict[str, Callable[..., Dataset]] = {}
+from jaxlab.registry import Registry
+
+# Builders `fn(data_cfg[, checkpoint_meta=...]) -> Dataset`; every module of jaxlab.data may register one.
+DATASETS = Registry("data set", key="config.data.name", package="jaxlab.data")
 
 
 def register(name: str):
   """Decorator registering a data set builder `fn(data_cfg) -> Dataset` under `name`."""
-  def wrap(fn):
-    _BUILDERS[name] = fn
-    return fn
-  return wrap
+  return DATASETS.register(name)
 
 
 def names() -> list[str]:
-  return sorted(_BUILDERS)
+  return DATASETS.names()
 
 
 class ArraySource:
@@ -218,9 +218,7 @@ def get_dataset(data_cfg, checkpoint_meta: dict | None = None) -> Dataset:
     ValueError: for an unknown name, listing the known ones.
   """
   name = data_cfg.get("name")
-  if name not in _BUILDERS:
-    raise ValueError(f"config.data.name: unknown data set {name!r}; known: {', '.join(names())}")
-  builder = _BUILDERS[name]
+  builder = DATASETS.get(name)
   if checkpoint_meta and "checkpoint_meta" in inspect.signature(builder).parameters:
     dataset = builder(data_cfg, checkpoint_meta=checkpoint_meta)
   else:

@@ -1,4 +1,9 @@
-"""Flax Linen models; importing this package registers every built-in model."""
+"""Flax Linen models; importing this package registers every built-in model.
+
+Builders are registered with `jaxlab.models.registry.register` in the modules of this package, which are found by
+the registry's discovery rule; they are also imported here so `jaxlab.models.vit` etc. are attributes of the
+package.
+"""
 
 from jaxlab.models import (
     lowrank_vit,  # noqa: F401  (registers 'lowrank_vit')
@@ -9,6 +14,6 @@ from jaxlab.models import (
     wrn,  # noqa: F401  (registers 'wrn')
     zoo,  # noqa: F401  (registers 'logreg', 'mlp', 'cnn1d', 'gru')
 )
-from jaxlab.models.registry import build, names, register
+from jaxlab.models.registry import MODELS, build, names, register
 
-__all__ = ["build", "names", "register", "registry"]
+__all__ = ["MODELS", "build", "names", "register", "registry"]

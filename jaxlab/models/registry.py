@@ -1,22 +1,23 @@
-"""Model registry: `model.name` in a config picks a builder `fn(model_cfg, num_classes)`."""
+"""Model registry: `model.name` in a config picks a builder `fn(model_cfg, num_classes)`.
+
+Every module of `jaxlab.models` may register builders; they are imported on the first lookup (the discovery rule
+of `jaxlab.registry`), so this module imports no model and any model module may import it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from jaxlab.registry import Registry
 
-_BUILDERS: dict[str, Callable] = {}
+MODELS = Registry("model", key="config.model.name", package="jaxlab.models")
 
 
 def register(name: str):
-  """Decorator registering a model builder under `name`."""
-  def wrap(fn):
-    _BUILDERS[name] = fn
-    return fn
-  return wrap
+  """Decorator registering a model builder `fn(model_cfg, num_classes) -> flax module` under `name`."""
+  return MODELS.register(name)
 
 
 def names() -> list[str]:
-  return sorted(_BUILDERS)
+  return MODELS.names()
 
 
 def build(model_cfg, num_classes: int):
@@ -26,6 +27,4 @@ def build(model_cfg, num_classes: int):
     ValueError: for an unknown name, listing the known ones.
   """
   name = model_cfg.get("name") if hasattr(model_cfg, "get") else model_cfg["name"]
-  if name not in _BUILDERS:
-    raise ValueError(f"config.model.name: unknown model {name!r}; known models: {', '.join(names())}")
-  return _BUILDERS[name](model_cfg, num_classes)
+  return MODELS.get(name)(model_cfg, num_classes)

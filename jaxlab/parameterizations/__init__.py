@@ -12,32 +12,30 @@ It provides:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from jaxlab.registry import Registry
 
-_CLASSES: dict[str, Callable] = {}
+# Classes `cls(model_cfg=..., **keys)`; every module of this package may register one (found on the first lookup).
+PARAMETERIZATIONS = Registry("parameterization", key="config.parameterization.name",
+                             package="jaxlab.parameterizations")
 
 
 def register(name: str):
+  """Decorator registering a parameterization class under `name` (also set as `cls.name`)."""
   def wrap(cls):
-    _CLASSES[name] = cls
     cls.name = name
-    return cls
+    return PARAMETERIZATIONS.register(name)(cls)
   return wrap
 
 
 def names() -> list[str]:
-  return sorted(_CLASSES)
+  return PARAMETERIZATIONS.names()
 
 
 def build(cfg, model_cfg=None):
   """Builds the parameterization named by `cfg.name` (None or empty means identity)."""
   cfg = dict(cfg or {})
   name = cfg.pop("name", None) or "identity"
-  _import_builtins()
-  if name not in _CLASSES:
-    raise ValueError(f"config.parameterization.name: unknown parameterization {name!r}; "
-                     f"known: {', '.join(names())}")
-  return _CLASSES[name](model_cfg=model_cfg, **cfg)
+  return PARAMETERIZATIONS.get(name)(model_cfg=model_cfg, **cfg)
 
 
 @register("identity")
@@ -53,12 +51,3 @@ class Identity:
 
   def materialize(self, theta):
     return theta
-
-
-def _import_builtins():
-  import importlib
-  import pkgutil
-
-  import jaxlab.parameterizations as pkg
-  for mod in pkgutil.iter_modules(pkg.__path__):
-    importlib.import_module(f"jaxlab.parameterizations.{mod.name}")

@@ -156,6 +156,39 @@ def check_inputs(t: registry.Transform, inputs) -> None:
                   DifferentInitWarning, stacklevel=3)
 
 
+def apply(name: str, inputs, args: dict | None = None) -> registry.Output:
+  """Validates `args` and applies transform `name` in memory (nothing is written).
+
+  Args:
+    name: a registered transform.
+    inputs: loaded checkpoints (`checkpoint.Loaded`), checkpoint paths (loaded one
+      at a time for streaming transforms), or an `Inputs`.
+    args: the transform's arguments; defaults are filled in from its schema.
+
+  Returns:
+    The transform's `Output`.
+
+  Raises:
+    ValueError: bad arguments, wrong number of inputs, or (for `same_tree`
+      transforms) inputs whose trees differ, listing the first differences.
+  """
+  t = registry.get(name)
+  if not isinstance(inputs, Inputs):
+    inputs = list(inputs)
+  args = t.validate(dict(args or {}), len(inputs))
+  if not isinstance(inputs, Inputs) and all(isinstance(p, str) for p in inputs):
+    inputs = Inputs(inputs)
+  check_inputs(t, inputs)
+  metas = input_metas(inputs)
+  if not t.streaming and isinstance(inputs, Inputs):
+    inputs = list(inputs)
+  out = t.fn(inputs, **args)
+  for key in ("model", "parameterization"):  # callers (train._init_from) rebuild the model from these
+    if key not in out.meta and metas and key in metas[0]:
+      out.meta[key] = metas[0][key]
+  return out
+
+
 def split_paths(values) -> list[str]:
   """Checkpoint paths from a config string or tuple: comma separated, `(a,b)` and quotes allowed, blanks dropped."""
   if isinstance(values, str):

@@ -1,11 +1,23 @@
-"""The transform engine: named, schema-checked, pure functions over checkpoints.
+"""The transform registry: named, schema-checked, pure functions over checkpoints.
 
-A transform is registered with a name, a one-line idea, a paper reference, the
-number of inputs it takes and a typed parameter schema:
+A transform is registered with a name, a one-line idea, a paper reference and the
+number of inputs it takes; its typed parameter schema is read from the function:
 
-    @register("expand_learngene", idea="...", reference="arXiv:...", inputs="1",
-              params={"depth": Param(int, None, "target depth")})
-    def expand(inputs: list[checkpoint.Loaded], *, depth: int) -> Output: ...
+    @register("expand_learngene", idea="...", reference="arXiv:...", inputs="1")
+    def expand(inputs: list[checkpoint.Loaded], *, depth: int, head: Literal["transfer", "reinit"] = "transfer",
+               ) -> Output:
+      '''Expands ...
+
+      Args:
+        inputs: one loaded learngene checkpoint.
+        depth: target number of layers (>= 1)
+        head: 'transfer' copies the auxiliary head, 'reinit' draws a new one
+      '''
+
+Each keyword-only parameter becomes a `Param`: its type from the annotation (`int`, `float`, `str`, `bool`,
+`tuple`/`tuple[str, ...]`, or `Literal[...]` for a choice), its default from the signature (none: required), its
+doc from its `Args:` line (`docs=` of `register` supplies lines shared by several transforms). So a default is
+written once, in the signature.
 
 It receives loaded checkpoints (`Loaded`: meta, theta, model_state, module)
 and returns an `Output`: the new trainable tree, model state, and the meta
@@ -30,8 +42,14 @@ Two optional flags of `register`:
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
+import typing
 from collections.abc import Callable
 from typing import Any
+
+from jaxlab.configs import as_tuple
+from jaxlab.registry import Registry
 
 _REQUIRED = object()
 
@@ -119,7 +137,8 @@ class Transform:
             raise ValueError(value)
           value = value.lower() in ("1", "true", "yes")
         elif p.type is tuple:
-          value = _as_tuple(value)
+          # items stay as given ('a,b' strings split): the transform converts them
+          value = as_tuple(value if isinstance(value, (list, tuple, str)) else (value,), kind=lambda v: v)
         elif p.type in (int, float) and isinstance(value, bool):
           raise TypeError(value)
         elif p.type is int and isinstance(value, float) and not value.is_integer():
@@ -137,24 +156,84 @@ class Transform:
     return out
 
 
-def _as_tuple(value) -> tuple:
-  """A tuple from a list/tuple/scalar; strings are split on commas ('a,b' -> ('a', 'b'))."""
-  out = []
-  for v in value if isinstance(value, (list, tuple)) else (value,):
-    if isinstance(v, str):
-      out += [part.strip() for part in v.split(",") if part.strip()]
-    else:
-      out.append(v)
-  return tuple(out)
-
-
 _INPUT_WORDS = {"1": "exactly one input checkpoint", "2": "exactly two input checkpoints",
                 "N": "one or more input checkpoints"}
-_TRANSFORMS: dict[str, Transform] = {}
+# Every module of jaxlab.transforms may register transforms (found on the first lookup); the engine, this module
+# and the table register none.
+TRANSFORMS = Registry("transform", key="config.transform", package="jaxlab.transforms",
+                      skip=("engine", "registry", "table"))
+
+
+def _args_docs(doc: str) -> dict[str, str]:
+  """`{name: text}` of a Google-style docstring's `Args:` section (continuation lines joined with spaces)."""
+  out: dict[str, str] = {}
+  lines = (doc or "").splitlines()
+  starts = [i for i, line in enumerate(lines) if line.strip() == "Args:"]
+  if not starts:
+    return out
+  base = len(lines[starts[0]]) - len(lines[starts[0]].lstrip())
+  indent, name = None, None
+  for line in lines[starts[0] + 1:]:
+    if not line.strip():
+      name = None
+      continue
+    ind = len(line) - len(line.lstrip())
+    if ind <= base:
+      break
+    indent = ind if indent is None else indent
+    m = re.match(r"(\w+)(?: \([^)]*\))?: ?(.*)$", line.strip())
+    if ind == indent and m:
+      name = m.group(1)
+      out[name] = m.group(2).strip()
+    elif name is not None and ind > indent:
+      out[name] = (out[name] + " " + line.strip()).strip()
+  return out
+
+
+_TYPES = {int: int, float: float, str: str, bool: bool, tuple: tuple}
+
+
+def _param_type(name: str, key: str, hint) -> tuple[type, tuple | None]:
+  """`(type, choices)` of a parameter annotation (see the module docstring for the accepted ones)."""
+  if typing.get_origin(hint) is typing.Literal:
+    choices = typing.get_args(hint)
+    kinds = {type(c) for c in choices}
+    if len(kinds) == 1 and kinds <= set(_TYPES):
+      return kinds.pop(), tuple(choices)
+  elif hint in _TYPES:
+    return hint, None
+  elif typing.get_origin(hint) is tuple:
+    return tuple, None
+  raise ValueError(f"transform {name!r}: parameter {key!r} has annotation {hint!r}; use int, float, str, bool, "
+                   "tuple or Literal[...] of one of them")
+
+
+def schema_from_signature(name: str, fn: Callable, docs: dict[str, str] | None = None) -> dict[str, Param]:
+  """The parameter schema of transform `fn`: one `Param` per keyword-only parameter (see the module docstring).
+
+  Raises:
+    ValueError: a parameter without a type annotation, with an unsupported one, or without a doc line.
+  """
+  hints = typing.get_type_hints(fn, include_extras=False)
+  lines = {**(docs or {}), **_args_docs(inspect.getdoc(fn) or "")}
+  out = {}
+  for key, p in inspect.signature(fn).parameters.items():
+    if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+      continue
+    if key not in hints:
+      raise ValueError(f"transform {name!r}: parameter {key!r} needs a type annotation (int, float, str, bool, "
+                       "tuple or Literal[...])")
+    kind, choices = _param_type(name, key, hints[key])
+    if not lines.get(key):
+      raise ValueError(f"transform {name!r}: parameter {key!r} has no line in the docstring's Args: section")
+    default = _REQUIRED if p.default is inspect.Parameter.empty else p.default
+    out[key] = Param(kind, default, lines[key], choices)
+  return out
 
 
 def register(name: str, *, idea: str, reference: str, inputs: str = "1", params: dict | None = None,
-             streaming: bool = False, same_tree: bool | None = None, averages: bool = False):
+             docs: dict[str, str] | None = None, streaming: bool = False, same_tree: bool | None = None,
+             averages: bool = False):
   """Decorator registering `fn(inputs, **args) -> Output` as transform `name`.
 
   Args:
@@ -163,7 +242,9 @@ def register(name: str, *, idea: str, reference: str, inputs: str = "1", params:
     reference: the paper (arXiv id or URL) it comes from.
     inputs: '1', '2' or 'N' (one or more) input checkpoints.
     params: `{arg_name: Param(type, default, doc, choices)}`, the schema the job's
-      `config.args` is validated against before any checkpoint is loaded.
+      `config.args` is validated against before any checkpoint is loaded; omitted (the rule), it is read from
+      `fn`'s keyword-only parameters and its `Args:` docstring (`schema_from_signature`).
+    docs: doc lines of parameters that the docstring does not describe (shared by several transforms).
     streaming: fn reads its inputs once, in order, one at a time; it may then be
       given a lazy sequence that loads each checkpoint only when indexed.
     same_tree: all inputs must have identical trainable trees (default: True for
@@ -177,26 +258,17 @@ def register(name: str, *, idea: str, reference: str, inputs: str = "1", params:
   """
   if inputs not in ("1", "2", "N"):
     raise ValueError(f"transform {name!r}: inputs must be '1', '2' or 'N', got {inputs!r}")
-  params = dict(params or {})
-  for key, p in params.items():
+  for key, p in (params or {}).items():
     if not isinstance(p, Param):
       raise ValueError(f"transform {name!r}: parameter {key!r} must be a transforms.Param, got {type(p).__name__}")
   if same_tree is None:
     same_tree = inputs in ("2", "N")
 
-  def wrap(fn):
-    old = _TRANSFORMS.get(name)
-    if old is not None and _qualname(old.fn) != _qualname(fn):
-      raise ValueError(f"transform {name!r} is registered twice ({_qualname(old.fn)} and {_qualname(fn)}); "
-                       "pick another name")
-    _TRANSFORMS[name] = Transform(name, fn, idea, reference, inputs, params, streaming=streaming,
-                                  same_tree=bool(same_tree), averages=averages)
-    return fn
-  return wrap
-
-
-def _qualname(fn) -> str:
-  return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+  def record(fn):
+    schema = dict(params) if params is not None else schema_from_signature(name, fn, docs)
+    return Transform(name, fn, idea, reference, inputs, schema, streaming=streaming, same_tree=bool(same_tree),
+                     averages=averages)
+  return TRANSFORMS.register(name, wrap=record)
 
 
 def get(name: str) -> Transform:
@@ -205,65 +277,14 @@ def get(name: str) -> Transform:
   Raises:
     ValueError: unknown name, listing the known ones.
   """
-  _import_builtins()
-  if not name:
-    raise ValueError(f"config.transform: give a transform name; known: {', '.join(names())}")
-  if name not in _TRANSFORMS:
-    raise ValueError(f"config.transform: unknown transform {name!r}; known: {', '.join(names())}")
-  return _TRANSFORMS[name]
+  return TRANSFORMS.get(name)
 
 
 def names() -> list[str]:
   """Sorted names of every registered transform."""
-  _import_builtins()
-  return sorted(_TRANSFORMS)
+  return TRANSFORMS.names()
 
 
 def all_transforms() -> list[Transform]:
   """Every registered transform, sorted by name."""
-  _import_builtins()
-  return [_TRANSFORMS[n] for n in sorted(_TRANSFORMS)]
-
-
-def apply(name: str, inputs, args: dict | None = None) -> Output:
-  """Validates `args` and applies transform `name` in memory (nothing is written).
-
-  Args:
-    name: a registered transform.
-    inputs: loaded checkpoints (`checkpoint.Loaded`), checkpoint paths (loaded one
-      at a time for streaming transforms), or an `engine.Inputs`.
-    args: the transform's arguments; defaults are filled in from its schema.
-
-  Returns:
-    The transform's `Output`.
-
-  Raises:
-    ValueError: bad arguments, wrong number of inputs, or (for `same_tree`
-      transforms) inputs whose trees differ, listing the first differences.
-  """
-  from jaxlab.transforms import engine  # local: engine imports this module
-  t = get(name)
-  if not isinstance(inputs, engine.Inputs):
-    inputs = list(inputs)
-  args = t.validate(dict(args or {}), len(inputs))
-  if not isinstance(inputs, engine.Inputs) and all(isinstance(p, str) for p in inputs):
-    inputs = engine.Inputs(inputs)
-  engine.check_inputs(t, inputs)
-  metas = engine.input_metas(inputs)
-  if not t.streaming and isinstance(inputs, engine.Inputs):
-    inputs = list(inputs)
-  out = t.fn(inputs, **args)
-  for key in ("model", "parameterization"):  # callers (train._init_from) rebuild the model from these
-    if key not in out.meta and metas and key in metas[0]:
-      out.meta[key] = metas[0][key]
-  return out
-
-
-def _import_builtins():
-  import importlib
-  import pkgutil
-
-  import jaxlab.transforms as pkg
-  for mod in pkgutil.iter_modules(pkg.__path__):
-    if mod.name not in ("registry", "engine", "table"):
-      importlib.import_module(f"jaxlab.transforms.{mod.name}")
+  return [t for _, t in TRANSFORMS.items()]
