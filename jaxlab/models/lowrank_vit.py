@@ -80,11 +80,6 @@ def rank_for(d_in: int, d_out: int, ratio: float, rank: int = 0) -> int:
   return int(min(r, d_in, d_out))
 
 
-def _factor_init(rank: int, std: float = 0.02):
-  """Init for a factor so that the product `u @ v` has entries of std about `std` (like the dense init)."""
-  return nn.initializers.truncated_normal(stddev=math.sqrt(std / math.sqrt(rank)))
-
-
 class LowRankDense(nn.Module):
   """`y = (x @ u) @ v + bias` with `u` [d_in, r] and `v` [r, features]; `r` from `rank_for`."""
   features: int
@@ -93,13 +88,14 @@ class LowRankDense(nn.Module):
   use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  init_scheme: str = vit.DEFAULT_INIT_SCHEME  # factor init: `vit.factor_init`
 
   @nn.compact
   def __call__(self, x):
     d_in = x.shape[-1]
     r = rank_for(d_in, self.features, self.ratio, self.rank)
-    u = self.param("u", _factor_init(r), (d_in, r), self.param_dtype)
-    v = self.param("v", _factor_init(r), (r, self.features), self.param_dtype)
+    u = self.param("u", vit.factor_init(self.init_scheme, r), (d_in, r), self.param_dtype)
+    v = self.param("v", vit.factor_init(self.init_scheme, r), (r, self.features), self.param_dtype)
     b = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
     x, u, v, b = nn.dtypes.promote_dtype(x, u, v, b, dtype=self.dtype)
     y = jnp.dot(jnp.dot(x, u), v)
@@ -119,10 +115,11 @@ class LowRankFactory:
     return trees.first_match(path, self.keep_dense) is None
 
   def __call__(self, features: int, name: str, use_bias: bool = True, dtype=None,
-               param_dtype=jnp.float32) -> nn.Module:
+               param_dtype=jnp.float32, init_scheme: str = vit.DEFAULT_INIT_SCHEME) -> nn.Module:
     if not self.factorized(name):
-      return vit.dense(features, name, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
-    return LowRankDense(features, self.ratio, self.rank, use_bias, dtype, param_dtype, name=name)
+      return vit.dense(features, name, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                       init_scheme=init_scheme)
+    return LowRankDense(features, self.ratio, self.rank, use_bias, dtype, param_dtype, init_scheme, name=name)
 
 
 def split_config(cfg) -> tuple[dict, LowRankFactory]:

@@ -33,6 +33,7 @@ feature distillation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,51 @@ SIZES = {
 }
 
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+
+# `model.init_scheme`: how the ViT's kernels start (docs/fairness.md).
+#   'fan_in' (default): every Dense kernel, the patch embedding and the head are truncated normal with variance
+#     1/fan_in (LeCun; Flax's own Dense default up to the truncation), so a layer keeps its input's scale at any
+#     width. Position embeddings and extra tokens stay at std 0.02 (they are added to, not multiplied with, the
+#     stream). At width 32-64, std 0.02 leaves the residual branches ~10x smaller than the stream and the
+#     head's logits ~0; the nets then sit near chance for hundreds of steps (issue 13).
+#   'deit': std 0.02 everywhere (DeiT / timm `trunc_normal_(std=.02)`), the value tuned for widths 192-768;
+#     what a DeiT recipe at ImageNet width should use. Imported checkpoints overwrite the init either way.
+INIT_SCHEMES = ("fan_in", "deit")
+DEFAULT_INIT_SCHEME = "fan_in"
+fan_in_normal = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def check_init_scheme(scheme: str) -> str:
+  """`scheme` if it names a ViT init scheme ('' = the default).
+
+  Raises:
+    ValueError: for an unknown name, naming `config.model.init_scheme` and the choices.
+  """
+  scheme = scheme or DEFAULT_INIT_SCHEME
+  if scheme not in INIT_SCHEMES:
+    raise ValueError(f"config.model.init_scheme: unknown {scheme!r}; choose from {', '.join(INIT_SCHEMES)}")
+  return scheme
+
+
+def kernel_init(scheme: str = DEFAULT_INIT_SCHEME):
+  """The initializer of Dense / patch-embedding / head kernels under an init scheme (see `INIT_SCHEMES`).
+
+  Inside the ViT's layer scan each layer's kernel is initialised with its own [d_in, d_out] shape, so
+  'fan_in' uses d_in (the patch embedding: patch_size^2 * channels).
+  """
+  return fan_in_normal if check_init_scheme(scheme) == "fan_in" else trunc_normal
+
+
+def factor_init(scheme: str, rank: int):
+  """The initializer of each factor of a rank-`rank` product `u @ v` standing in for one Dense kernel.
+
+  'fan_in': each factor gets variance 1/(its fan-in), so `x @ u @ v` has the variance of `x @ W` under
+  'fan_in' (r * 1/d_in * 1/r = 1/d_in). 'deit': factors of std sqrt(0.02 / sqrt(rank)), so the product's entries
+  have std about 0.02 like the dense DeiT init.
+  """
+  if check_init_scheme(scheme) == "fan_in":
+    return fan_in_normal
+  return nn.initializers.truncated_normal(stddev=float(np.sqrt(0.02 / np.sqrt(rank))))
 
 # `model.remat` names -> jax.checkpoint policies (what the backward pass may keep from the forward pass of a
 # block; everything else is recomputed). '' / 'none' = no rematerialisation.
@@ -77,8 +123,13 @@ def remat_policy(name: str | None):
   return REMAT_POLICIES[name]
 
 
-def dense(features: int, name: str, use_bias: bool = True, dtype=None, param_dtype=jnp.float32) -> nn.Dense:
-  return nn.Dense(features, name=name, use_bias=use_bias, kernel_init=trunc_normal,
+def dense(features: int, name: str, use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
+          init_scheme: str = DEFAULT_INIT_SCHEME) -> nn.Dense:
+  """The ViT's Dense layer (the default `dense_factory`): kernel from `kernel_init(init_scheme)`, zero bias.
+
+  A `dense_factory` is called with these arguments; the ViT passes its `init_scheme` by keyword.
+  """
+  return nn.Dense(features, name=name, use_bias=use_bias, kernel_init=kernel_init(init_scheme),
                   bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=param_dtype)
 
 
@@ -236,6 +287,7 @@ class ViT(nn.Module):
     remat: rematerialisation policy of the scanned blocks ('' / 'none', or a name in `REMAT_POLICIES`).
     scan_unroll: blocks per iteration of the layer scan (1 = a rolled loop; `depth` = fully unrolled).
     attention_impl: '' (jax chooses: cuDNN's fused kernel where it applies), 'xla', 'cudnn' or 'einsum'.
+    init_scheme: 'fan_in' (default) or 'deit' (std 0.02 kernels); see `INIT_SCHEMES`.
   """
   num_classes: int
   patch_size: int = 2
@@ -259,6 +311,7 @@ class ViT(nn.Module):
   remat: str = ""
   scan_unroll: int = 1
   attention_impl: str = ""
+  init_scheme: str = DEFAULT_INIT_SCHEME
 
   def has_class_token(self) -> bool:
     """Whether the token sequence starts with a class token; checks the token options (no parameters needed).
@@ -277,14 +330,17 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    kinit = kernel_init(self.init_scheme)
+    # Every Dense of the blocks gets the scheme too (a factory that takes `init_scheme`, as `dense` does).
+    dense_factory = functools.partial(self.dense_factory, init_scheme=check_init_scheme(self.init_scheme))
     if x.ndim == 2:  # [B, T] 1D signal with one channel
       x = x[..., None]
     if x.ndim == 3:
       embed = nn.Conv(self.width, (self.patch_size,), strides=(self.patch_size,), padding="VALID",
-                      name="patch_embed", kernel_init=trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype)
+                      name="patch_embed", kernel_init=kinit, dtype=self.dtype, param_dtype=self.param_dtype)
     else:
       embed = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                      padding="VALID", name="patch_embed", kernel_init=trunc_normal, dtype=self.dtype,
+                      padding="VALID", name="patch_embed", kernel_init=kinit, dtype=self.dtype,
                       param_dtype=self.param_dtype)
     x = embed(x.astype(self.dtype or jnp.float32))
     b = x.shape[0]
@@ -322,7 +378,7 @@ class ViT(nn.Module):
         length=self.depth,
         unroll=int(self.scan_unroll),
     )(self.num_heads, self.mlp_dim, self.dropout, self.attn_dropout, self.ln_eps,
-      self.dense_factory, self.dtype, layer_scale=self.layer_scale, param_dtype=self.param_dtype,
+      dense_factory, self.dtype, layer_scale=self.layer_scale, param_dtype=self.param_dtype,
       attention_impl=self.attention_impl, name="blocks")
     x, _ = blocks(x, rates, train)
 
@@ -335,7 +391,7 @@ class ViT(nn.Module):
     if self.distilled:  # DeiT: class and distillation tokens each get a head; the output is their mean
       if self.num_classes <= 0:
         return (x[:, 0] + x[:, 1]) / 2
-      heads = [nn.Dense(self.num_classes, name=n, kernel_init=trunc_normal, dtype=self.dtype,
+      heads = [nn.Dense(self.num_classes, name=n, kernel_init=kinit, dtype=self.dtype,
                         param_dtype=self.param_dtype)(x[:, i])
                for i, n in enumerate(("head", "head_dist"))]
       return ((heads[0] + heads[1]) / 2).astype(jnp.float32)
@@ -344,7 +400,7 @@ class ViT(nn.Module):
       x = norm(x)
     if self.num_classes <= 0:
       return x
-    return nn.Dense(self.num_classes, name="head", kernel_init=trunc_normal,
+    return nn.Dense(self.num_classes, name="head", kernel_init=kinit,
                     dtype=self.dtype, param_dtype=self.param_dtype)(x).astype(jnp.float32)
 
 
@@ -362,6 +418,7 @@ def build_vit(cfg, num_classes: int) -> ViT:
       if kw.get(key) is None:
         kw[key] = val
   kw = {k: v for k, v in kw.items() if v is not None}
+  kw["init_scheme"] = check_init_scheme(kw.get("init_scheme", ""))
   dtype = kw.pop("dtype", None)
   param_dtype = kw.pop("param_dtype", None)
   return ViT(num_classes=num_classes, dtype=_dtype(dtype, "dtype"),

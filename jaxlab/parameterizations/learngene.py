@@ -14,9 +14,11 @@ exactly as the official code (`RepeatedModuleList` sets `repeated_id /
 repeated_times`; `gene_tranfer` uses `i / num_layers`): layer 0 is A, the
 coefficient 1 is never reached, and every depth samples the same segment of
 the line. `coefficient='l/(L-1)'` is a named alternative that spans A..A+B
-(depth 1 gives coefficient 0). Initialisation as the official code: A and B of
-every `kernel` truncated normal (std 0.02), every bias 0, LayerNorm scale
-A = 1 and B = 0. Trainable tree:
+(depth 1 gives coefficient 0). Initialisation: A is layer 0 of the ViT's fresh
+init and B's kernels are drawn with the same scheme (`model.init_scheme`:
+'deit' gives the official code's truncated normal std 0.02 for A and B,
+'fan_in', the default, std 1/sqrt(fan_in); docs/fairness.md), every bias 0,
+LayerNorm scale A = 1 and B = 0. Trainable tree:
 
     theta = {'learngene': {'A': blocks_tree, 'B': blocks_tree}, 'patch_embed', 'pos_embed', 'norm', 'head'}
 
@@ -51,7 +53,6 @@ from jaxlab import parameterizations, trees
 
 COEFFICIENTS = ("l/L", "l/(L-1)")
 SWS_DEFAULT_STAGES = (3, 3, 4, 3, 3)
-_TRUNC = jax.nn.initializers.truncated_normal(stddev=0.02)
 
 
 def model_depth(model_cfg: dict | None) -> int:
@@ -148,13 +149,15 @@ class LinearLearngene:
   """
 
   def __init__(self, model_cfg: dict | None = None, coefficient: str = "l/L"):
+    from jaxlab.models import vit
     self.depth = model_depth(model_cfg)
     coefficients(self.depth, coefficient)  # validates
     self.coefficient = coefficient
+    self.kernel_init = vit.kernel_init(dict(model_cfg or {}).get("init_scheme") or "")
 
   def init(self, rng, params: dict) -> dict:
-    """A = layer 0 of a fresh init (trunc-normal kernels, zero biases, unit LN scales); B: kernels
-    trunc-normal 0.02, everything else 0."""
+    """A = layer 0 of a fresh init (kernels by the model's init scheme, zero biases, unit LN scales); B: kernels
+    drawn by the same scheme (each with its own [d_in, d_out] fan-in), everything else 0."""
     _check_blocks(params)
     blocks = params["blocks"]
     a = jax.tree.map(lambda x: x[0], blocks)
@@ -163,7 +166,7 @@ class LinearLearngene:
 
     def init_b(name, x):
       if name.endswith("kernel"):
-        return _TRUNC(keys[name], x.shape, x.dtype)
+        return self.kernel_init(keys[name], x.shape, x.dtype)
       return jnp.zeros_like(x)
 
     b = trees.map_with_names(init_b, a)

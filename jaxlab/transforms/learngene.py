@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlab import build, trees
+from jaxlab.models import vit
 from jaxlab.parameterizations import learngene as lg
 from jaxlab.transforms import REQUIRED, Output, Param, register
 
-_TRUNC = jax.nn.initializers.truncated_normal(stddev=0.02)
 SPLIT_RULES = ("even", "proportional")
 
 _COMMON = {
@@ -137,7 +137,8 @@ def _descendant(loaded, params: dict, depth: int, head: str, final_norm: str, ln
   if head == "reinit" and "head" in params:
     k = jax.random.key(seed)
     params = dict(params)
-    params["head"] = {"kernel": _TRUNC(k, params["head"]["kernel"].shape, params["head"]["kernel"].dtype),
+    kinit = vit.kernel_init(model_cfg.get("init_scheme") or "")  # the descendant's own init scheme
+    params["head"] = {"kernel": kinit(k, params["head"]["kernel"].shape, params["head"]["kernel"].dtype),
                       "bias": jnp.zeros_like(params["head"]["bias"])}
   data = loaded.meta["data"]
   module = build.model(model_cfg, data["num_classes"])
