@@ -194,17 +194,17 @@ class Evaluator:
   """
 
   def __init__(self, module, dataset, split: str, batch_size: int = 256):
-    from jaxlab import train  # local: train imports transforms lazily
+    from jaxlab import evaluate  # local: the data layer is imported only when a soup evaluates
     dataset.split(split)  # clear error for an unknown split before any work
     self.module, self.dataset, self.split, self.batch_size = module, dataset, split, batch_size
-    self._train = train
-    self._step = train.jit_eval_step(module, objectives.get_eval({}))
+    self._evaluate = evaluate.evaluate
+    self._step = evaluate.jit_eval_step(module, objectives.get_eval({}))
     self.calls = 0
 
   def __call__(self, params, model_state) -> float:
     self.calls += 1
-    m = self._train.evaluate(self.module, params, model_state, self.dataset, self.split, self.batch_size,
-                             mesh=_mesh_for(params), eval_step=self._step)
+    m = self._evaluate(self.module, params, model_state, self.dataset, self.split, self.batch_size,
+                       mesh=_mesh_for(params), eval_step=self._step)
     return float(m["accuracy"])
 
 
