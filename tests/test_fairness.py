@@ -92,3 +92,70 @@ def _train_digits_vit(scheme: str, steps: int) -> float:
 def test_small_vit_leaves_chance_with_the_default_init():
   # Measured: fan_in 0.87 at 200 steps where the DeiT std-0.02 init gives 0.35 (chance 0.1).
   assert _train_digits_vit("", 200) > 0.7
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trivial baselines
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_majority_class_on_a_hand_made_split():
+  from jaxlab import baselines
+  assert baselines.majority_class([3, 1, 3, 2, 3, 1]) == {"class": 3, "accuracy": 0.5}
+  # Fitted on another split: class 1 there scores 2/6 here.
+  assert baselines.majority_class([3, 1, 3, 2, 3, 1], fit_labels=[1, 1, 0]) == {"class": 1, "accuracy": 2 / 6}
+  with pytest.raises(ValueError, match="1D integer"):
+    baselines.majority_class([0.5, 1.0])
+
+
+def test_first_token_fits_on_train_scores_on_eval():
+  from jaxlab import baselines
+  fit_x = np.array([[1, 7], [1, 8], [1, 9], [2, 6], [2, 6], [4, 9]])
+  fit_y = np.array([0, 0, 5, 9, 9, 4])
+  # table: token 1 -> 0 (2 of 3), token 2 -> 9, token 4 -> 4; unseen token 3 -> the fit majority (0 and 9 tie
+  # with two each: the smaller, 0).
+  x = np.array([[1, 0], [2, 0], [2, 0], [3, 0], [4, 0]])
+  y = np.array([0, 9, 1, 0, 7])
+  out = baselines.first_token(fit_x, fit_y, x, y)
+  assert out["table"] == {1: 0, 2: 9, 4: 4} and out["fallback"] == 0
+  assert out["accuracy"] == pytest.approx(3 / 5)
+
+
+def test_classification_baselines_on_listops():
+  from jaxlab import baselines, data
+  ds = data.get_dataset({"name": "listops", "max_length": 64, "train_size": 300, "validation_size": 50,
+                         "test_size": 100, "heldout_size": 0})
+  rows = {r["method"]: r["accuracy"] for r in baselines.classification_baselines(ds, "test")}
+  y = ds.split("test").arrays["label"]
+  assert rows["majority class"] == pytest.approx(np.bincount(y).max() / len(y))
+  assert set(rows) == {"majority class", "first token"}
+  assert 0.0 < rows["first token"] <= 1.0
+
+
+def test_unigram_accuracy_and_loss():
+  from jaxlab import baselines
+  t = np.array([[5, 5, 2, 0], [5, 3, 3, 0]])
+  m = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])  # scored: 5 5 2 5 3 -> '5' 3 of 5
+  out = baselines.unigram(t, m)
+  assert out["token"] == 5 and out["accuracy"] == pytest.approx(0.6)
+  # p(5) = 3/5, p(2) = p(3) = 1/5: loss = -(3 log .6 + 2 log .2) / 5
+  assert out["loss"] == pytest.approx(-(3 * np.log(0.6) + 2 * np.log(0.2)) / 5)
+  # Fitted elsewhere with add-one smoothing over 6 ids: counts 2+1 for token 3, 1 for the others -> token 3.
+  fit = baselines.unigram(t, m, fit_targets=np.array([[3, 3]]), vocab_size=6)
+  assert fit["token"] == 3 and fit["accuracy"] == pytest.approx(0.2)
+  assert fit["loss"] == pytest.approx(-(4 * np.log(1 / 8) + np.log(3 / 8)) / 5)
+
+
+def test_position_mean_and_all_zero():
+  from jaxlab import baselines
+  t = np.array([[0.0, 1.0], [1.0, 1.0], [0.5, 0.0]])
+  m = np.array([[1, 1], [1, 1], [1, 0]])
+  z = baselines.all_zero(t, m)
+  assert z["mae"] == pytest.approx((0 + 1 + 1 + 1 + 0.5) / 5) and z["mse"] == pytest.approx(3.25 / 5)
+  pm = baselines.position_mean(t, m)
+  # position 0 mean 0.5 (errors .5 .5 0), position 1 mean 1 over its two scored entries (errors 0 0).
+  assert pm["mean"][:, 0].tolist() == [0.5, 1.0]
+  assert pm["mae"] == pytest.approx(1.0 / 5) and pm["mse"] == pytest.approx(0.5 / 5)
+  # Channels [N, L, C] average over C, as the L1 pretraining loss does.
+  t3 = np.stack([t, 2 * t], -1)
+  assert baselines.all_zero(t3, m)["mae"] == pytest.approx(1.5 * z["mae"])
