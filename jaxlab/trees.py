@@ -90,8 +90,14 @@ def _describe(x) -> str:
   return f"{getattr(x, 'dtype', type(x).__name__)}{list(np.shape(x))}"
 
 
-def diff(reference: PyTree, other: PyTree, *, check_dtype: bool = True) -> list[str]:
-  """Lists structural differences (missing, unexpected, shape, dtype) of `other`."""
+def shape_difference(name: str, want, have, sides: tuple[str, str] = ("expected", "got")) -> str:
+  """One difference line: `shape of <name>: expected [..], got [..]` (`sides` names the two trees)."""
+  return f"shape of {name}: {sides[0]} {list(np.shape(want))}, {sides[1]} {list(np.shape(have))}"
+
+
+def diff(reference: PyTree, other: PyTree, *, check_dtype: bool = True,
+         sides: tuple[str, str] = ("expected", "got")) -> list[str]:
+  """Lists structural differences (missing, unexpected, shape, dtype) of `other`, one line each."""
   ref, oth = flatten(reference), flatten(other)
   out = []
   for name in ref:
@@ -104,9 +110,9 @@ def diff(reference: PyTree, other: PyTree, *, check_dtype: bool = True) -> list[
     if name in oth:
       a, b = ref[name], oth[name]
       if np.shape(a) != np.shape(b):
-        out.append(f"shape of {name}: expected {list(np.shape(a))}, got {list(np.shape(b))}")
+        out.append(shape_difference(name, a, b, sides))
       elif check_dtype and hasattr(a, "dtype") and hasattr(b, "dtype") and a.dtype != b.dtype:
-        out.append(f"dtype of {name}: expected {a.dtype}, got {b.dtype}")
+        out.append(f"dtype of {name}: {sides[0]} {a.dtype}, {sides[1]} {b.dtype}")
   return out
 
 
@@ -114,13 +120,33 @@ class TreeMismatchError(ValueError):
   """Raised when two trees that must agree in structure do not."""
 
 
+MISMATCH_SHOWN = 5  # differences listed in a mismatch message; the rest are counted
+
+
+def mismatch_message(what: str, differences: Sequence[str], hint: str = "") -> str:
+  """The one tree-mismatch message: `<what>: <first MISMATCH_SHOWN differences> (and N more); <hint>`.
+
+  Args:
+    what: which tree differs from which (a path, a checkpoint, 'config vs checkpoint').
+    differences: one line per difference (`diff`, `shape_difference`).
+    hint: what to do about it.
+  """
+  shown = "; ".join(differences[:MISMATCH_SHOWN])
+  more = f" (and {len(differences) - MISMATCH_SHOWN} more)" if len(differences) > MISMATCH_SHOWN else ""
+  return f"{what}: {shown}{more}" + (f"; {hint}" if hint else "")
+
+
+def mismatch_error(what: str, differences: Sequence[str], hint: str = "") -> TreeMismatchError:
+  """A `TreeMismatchError` with `mismatch_message(what, differences, hint)`."""
+  return TreeMismatchError(mismatch_message(what, differences, hint))
+
+
 def check_same_structure(reference: PyTree, other: PyTree, what: str = "tree", *,
-                         check_dtype: bool = True, limit: int = 5) -> None:
+                         check_dtype: bool = True) -> None:
   """Raises `TreeMismatchError` listing the first differences, if any."""
   d = diff(reference, other, check_dtype=check_dtype)
   if d:
-    more = f" (and {len(d) - limit} more)" if len(d) > limit else ""
-    raise TreeMismatchError(f"{what} does not match: " + "; ".join(d[:limit]) + more)
+    raise mismatch_error(f"{what} does not match", d)
 
 
 def merge(loaded: PyTree, inited: PyTree, *, dont_load: Iterable[str] = (),
@@ -148,15 +174,13 @@ def merge(loaded: PyTree, inited: PyTree, *, dont_load: Iterable[str] = (),
         problems.append(f"missing {name} ({_describe(init_value)})")
       out[name] = init_value
     elif np.shape(lf[name]) != np.shape(init_value):
-      problems.append(f"shape of {name}: checkpoint {list(np.shape(lf[name]))}, "
-                      f"model {list(np.shape(init_value))}")
+      problems.append(shape_difference(name, init_value, lf[name], ("model", "checkpoint")))
     else:
       out[name] = lf[name]
   if not allow_unexpected:
     problems += [f"unexpected {n}" for n in lf if n not in inf and first_match(n, dont_load) is None]
   if problems:
-    raise TreeMismatchError("cannot merge trees: " + "; ".join(problems[:8])
-                            + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
+    raise mismatch_error("cannot merge trees", problems)
   return unflatten(out)
 
 

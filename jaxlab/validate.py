@@ -25,6 +25,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxlab.registry import Registry
+
 # ----------------------------------------------------------------------------
 # Numbers, by key name (so nested sections of pipelines are covered too)
 # ----------------------------------------------------------------------------
@@ -184,22 +186,19 @@ class JobCheck:
   check: Callable[[Any, str], Any] | None = None
 
 
-_JOBS: dict[str, JobCheck] = {}
+JOB_CHECKS = Registry("job", key="config.job")  # the checks of each job, registered at the end of this module
 
 
 def register(job_name: str, *, inputs=None, outputs=None, check=None) -> None:
   """Registers the validation of `config.job = job_name` (see `JobCheck`)."""
-  _JOBS[job_name] = JobCheck(inputs=inputs or (lambda config: []), outputs=outputs or (lambda config: []),
-                             check=check)
+  JOB_CHECKS.register(job_name, JobCheck(inputs=inputs or (lambda config: []), outputs=outputs or (lambda config: []),
+                                         check=check))
 
 
 def job(config, workdir: str) -> None:
   """The whole pass for `config.job` before anything is written. Raises a one-line error naming the key."""
-  name = config.get("job", "train")
-  if name not in _JOBS:
-    raise ValueError(f"config.job: unknown job {name!r}; use one of {', '.join(sorted(_JOBS))}")
+  spec = JOB_CHECKS.get(config.get("job", "train"))
   numbers(config)
-  spec = _JOBS[name]
   check_paths(workdir, spec.inputs(config), spec.outputs(config))
   check_writable(workdir)
   if spec.check is not None:
@@ -306,9 +305,9 @@ def _check_resume(config, workdir: str, dataset, total: int) -> int | None:
   ours = {"theta": theta, **({"model_state": variables} if variables else {})}
   d = trees.diff(ours, stored_weights, check_dtype=False)
   if d:
-    more = f" (and {len(d) - 2} more)" if len(d) > 2 else ""
-    raise checkpoint.CheckpointError(f"--workdir={workdir}: this config cannot resume its checkpoint at step "
-                                     f"{step} (config vs checkpoint: {'; '.join(d[:2])}{more}); {hint}")
+    raise checkpoint.CheckpointError(trees.mismatch_message(
+        f"--workdir={workdir}: this config cannot resume its checkpoint at step {step} (config vs checkpoint)", d,
+        hint))
   if stored_opt is None:
     raise checkpoint.CheckpointError(f"--workdir={workdir}: its checkpoint at step {step} has no optimizer state "
                                      "(a transform output?); train from it with config.init_from.path and a "

@@ -38,3 +38,23 @@ def test_diff_and_compare():
   assert d == ["missing params/blocks/mlp/bias (float64[3])",
                "dtype of params/blocks/mlp/kernel: expected float64, got float16"]
   assert trees.max_abs_diff(TREE, TREE)["params/head/kernel"] == 0.0
+
+
+def test_one_mismatch_format_everywhere():
+  lines = [f"missing l{i}" for i in range(8)]
+  msg = trees.mismatch_message("x does not match y", lines, "retrain")
+  assert msg == ("x does not match y: missing l0; missing l1; missing l2; missing l3; missing l4 (and 3 more); "
+                 "retrain")
+  assert trees.mismatch_message("w", lines[:trees.MISMATCH_SHOWN]) == "w: " + "; ".join(lines[:5])
+  assert trees.shape_difference("a/k", np.zeros((2, 3)), np.zeros(4), ("model", "checkpoint")) == (
+      "shape of a/k: model [2, 3], checkpoint [4]")
+  # merge and check_same_structure raise the same format, capped at the same length
+  inited = {f"k{i}": np.zeros(2) for i in range(7)}
+  with pytest.raises(trees.TreeMismatchError) as e:
+    trees.merge({k: np.zeros(3) for k in inited}, inited)
+  assert str(e.value) == ("cannot merge trees: " + "; ".join(f"shape of k{i}: model [2], checkpoint [3]"
+                                                             for i in range(5)) + " (and 2 more)")
+  with pytest.raises(trees.TreeMismatchError) as e:
+    trees.check_same_structure(inited, {}, "tree")
+  assert str(e.value) == ("tree does not match: " + "; ".join(f"missing k{i} (float64[2])" for i in range(5))
+                          + " (and 2 more)")

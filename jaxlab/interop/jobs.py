@@ -212,15 +212,12 @@ def import_file(
     source_dtypes = sorted({str(src.dtype(key)) for key in src.keys() if key not in skipped})
     flat = names.import_tree(src, entries, depth, fresh, take_fresh, dtypes)
   shaped = [
-    f"{n} {list(a.shape)} (model needs {list(abstract[n].shape)})"
-    for n, a in flat.items()
+    trees.shape_difference(n, abstract[n].shape, a, ("model", "converted")) for n, a in flat.items()
     if tuple(a.shape) != tuple(abstract[n].shape)
   ]
   if shaped:
-    raise names.NameMapError(
-      f"{path}: converted tensors do not fit the model: {'; '.join(shaped[:3])}; check "
-      "config.num_heads and the other model keys"
-    )
+    raise names.NameMapError(trees.mismatch_message(
+      f"{path}: converted tensors do not fit the model", shaped, "check config.num_heads and the other model keys"))
   resampled = None
   if image_size and image_size != input_shape[0]:
     flat, input_shape, resampled = _resample(

@@ -141,10 +141,9 @@ def check_inputs(t: registry.Transform, inputs) -> None:
   for i in range(1, len(inputs)):
     d = trees.diff(ref, _tree_of(inputs, i))
     if d:
-      more = f" (and {len(d) - 5} more)" if len(d) > 5 else ""
-      raise trees.TreeMismatchError(
-          f"transform {t.name!r}: input {paths[i]} does not have the same parameter tree as {paths[0]}: "
-          + "; ".join(d[:5]) + more + "; all inputs must be fine-tunes of the same architecture")
+      raise trees.mismatch_error(
+          f"transform {t.name!r}: input {paths[i]} does not have the same parameter tree as {paths[0]}", d,
+          "all inputs must be fine-tunes of the same architecture")
   sigs = [init_signature(m) for m in input_metas(inputs)]
   if t.averages and len(set(sigs)) > 1:
     groups: dict[str, list[str]] = {}

@@ -94,8 +94,8 @@ def compress_params(dense: dict, target: dict) -> tuple[dict, dict[str, float], 
       d_in, rank = spec.shape[-2:]
       d_out = tgt[f"{layer}/v"].shape[-1]
       if kernel.shape[-2:] != (d_in, d_out) or kernel.shape[:-2] != spec.shape[:-2]:
-        problems.append(f"shape of {kname}: checkpoint {list(kernel.shape)}, factors need "
-                        f"{list(spec.shape[:-2]) + [d_in, d_out]}")
+        problems.append(trees.shape_difference(kname, list(spec.shape[:-2]) + [d_in, d_out], kernel,
+                                               ("factors need", "checkpoint")))
         continue
       u, v, drop = svd_factors(kernel, rank=int(rank))
       out[name], out[f"{layer}/v"] = u, v
@@ -105,11 +105,11 @@ def compress_params(dense: dict, target: dict) -> tuple[dict, dict[str, float], 
     if name not in src:
       problems.append(f"missing {name}")
     elif tuple(np.shape(src[name])) != tuple(spec.shape):
-      problems.append(f"shape of {name}: checkpoint {list(np.shape(src[name]))}, model {list(spec.shape)}")
+      problems.append(trees.shape_difference(name, spec.shape, src[name], ("model", "checkpoint")))
     else:
       out[name] = src[name]
   if problems:
-    raise trees.TreeMismatchError("lowrank_svd: " + "; ".join(problems[:6]))
+    raise trees.mismatch_error("lowrank_svd: the checkpoint does not fit the low-rank model", problems)
   return trees.unflatten(out), errors, dropped
 
 

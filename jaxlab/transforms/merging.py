@@ -434,13 +434,8 @@ def load_base(inputs, base: str, first_theta) -> tuple[dict, str]:
     raise checkpoint.CheckpointError(f"config.args.base: {e}") from e
   d = trees.diff(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), first_theta), ld.theta)
   if d:
-    more = f" (and {len(d) - 5} more)" if len(d) > 5 else ""
-    raise trees.TreeMismatchError(
-      f"base {path} does not have the same parameter tree as the inputs: "
-      + "; ".join(d[:5])
-      + more
-      + "; the base must be the model they were fine-tuned from"
-    )
+    raise trees.mismatch_error(f"base {path} does not have the same parameter tree as the inputs", d,
+                               "the base must be the model they were fine-tuned from")
   theta = jax.tree.map(
     lambda b, x: jax.device_put(b, x.sharding) if hasattr(x, "sharding") else b, ld.theta, first_theta
   )
@@ -450,10 +445,7 @@ def load_base(inputs, base: str, first_theta) -> tuple[dict, str]:
 def _check_same(ref_abstract, theta, ref_path: str, path: str) -> None:
   d = trees.diff(ref_abstract, theta)
   if d:
-    more = f" (and {len(d) - 5} more)" if len(d) > 5 else ""
-    raise trees.TreeMismatchError(
-      f"merge: {path} does not have the same parameter tree as {ref_path}: " + "; ".join(d[:5]) + more
-    )
+    raise trees.mismatch_error(f"merge: {path} does not have the same parameter tree as {ref_path}", d)
 
 
 class _Stream:

@@ -113,9 +113,7 @@ def _ingredients(inputs, more_inputs: Sequence[str] = ()):
 def _check_tree(ref: dict, tree: dict, ref_path: str, path: str) -> None:
   d = trees.diff(ref, tree)
   if d:
-    more = f" (and {len(d) - 5} more)" if len(d) > 5 else ""
-    raise trees.TreeMismatchError(f"soup: {path} does not have the same parameter tree as {ref_path}: "
-                                  + "; ".join(d[:5]) + more)
+    raise trees.mismatch_error(f"soup: {path} does not have the same parameter tree as {ref_path}", d)
 
 
 class Ingredient:
