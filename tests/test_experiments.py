@@ -66,23 +66,26 @@ def test_stages_record_overrides_and_are_skipped_when_done(tmp_path, fake_jobs):
   for attempt in (1, 2):
     exp = Experiment(_config(), wd, "toy")
     assert "toy" not in exp.base and "pipeline" not in exp.base and exp.base.job == "train"
-    s = exp.run(TrainStage("a/s0", {"optimizer.lr": exp.section.lr, "total_steps": exp.section.steps}))
+    s = exp.run(TrainStage("a/s0", {"optimizer.lr": exp.section.lr, "total_steps": exp.section.steps,
+                                    "model": {"name": "vit", "depth": 3}}))
     t = exp.run(TransformStage("soup", "uniform_soup", [exp.path("a/s0"), exp.path("a/s0")], {"scale": 1.0}))
     assert s["test_accuracy"] == 0.5 and s["steps"] == 3 and t["report"] == {"n": 2}
     assert [st["skipped"] for st in exp.stages] == [attempt == 2] * 2
   assert fake_jobs == {"train": 1, "transform": 1}  # the second pass ran nothing
   req = json.load(open(tmp_path / "a" / "s0" / "overrides.json"))
-  assert req == {"kind": "train", "overrides": {"optimizer.lr": 0.5, "total_steps": 3}}
+  assert req == {"kind": "train", "overrides": {"optimizer.lr": 0.5, "total_steps": 3,
+                                                "model": {"name": "vit", "depth": 3}}}
   assert json.load(open(tmp_path / "soup" / "stage.json"))["request"]["args"] == {"scale": 1.0}
   # a done stage asked for something else is refused, naming the key
   with pytest.raises(ValueError, match=r"stage 'a/s0' is done with optimizer.lr=0.5 but is now asked for"):
-    Experiment(_config(), wd, "toy").run(TrainStage("a/s0", {"optimizer.lr": 0.1, "total_steps": 3}))
+    Experiment(_config(), wd, "toy").run(TrainStage("a/s0", {"optimizer.lr": 0.1, "total_steps": 3,
+                                                             "model": {"name": "vit", "depth": 3}}))
   # results.md shows the overrides of every stage
   rep = Report(exp, "Toy")
   rep.write()
   md = open(tmp_path / "results.md").read()
-  assert "`a/s0` | `optimizer.lr=0.5`, `total_steps=3`" in md
-  assert "`uniform_soup`(a/s0, a/s0; scale=1.0)" in md
+  assert "`a/s0` | `optimizer.lr=0.5`, `total_steps=3`, `model~{\"depth\":3}`" in md  # only what differs
+  assert "`uniform_soup(a/s0, a/s0; scale=1.0)`" in md
 
 
 def test_aggregate_is_sample_std_over_seeds():

@@ -266,9 +266,10 @@ class Report:
       lines += markdown_table(("claim", "verdict", "evidence"),
                               ((c["claim"], f"**{c['verdict']}**", c["evidence"]) for c in self.claims)) + [""]
     lines += ["## Stages", "", "Each stage's workdir holds `overrides.json` (what it was asked) and `stage.json` "
-              "(that and its summary).", ""]
+              "(that and its summary). `key~{...}`: a section replaced as a whole, showing the entries that differ "
+              "from the base config's; paths are relative to the workdir.", ""]
     lines += markdown_table(("stage", "overrides of the base config / transform"),
-                            ((f"`{s['name']}`", _describe(s["request"], self.exp.workdir))
+                            ((f"`{s['name']}`", _describe(s["request"], self.exp.workdir, self.exp.base))
                              for s in results["stages"]))
     return "\n".join(lines) + "\n"
 
@@ -285,14 +286,26 @@ class Report:
     return results
 
 
-def _describe(request: dict, workdir: str) -> str:
-  """One table cell: `key=value` overrides of a train stage, or `transform(inputs; args)`."""
-  def short(v):
+def _describe(request: dict, workdir: str, base) -> str:
+  """One table cell: `key=value` overrides of a train stage (a replaced section `key~{...}` shows only the
+  entries that differ from the base config's), or `transform(inputs; args)`; paths relative to the workdir."""
+  root = os.path.abspath(workdir) + os.sep
+
+  def short(key, v):
+    section = base
+    for part in key.split("."):
+      section = section.get(part) if hasattr(section, "get") else None
+    if isinstance(v, dict) and hasattr(section, "to_dict"):
+      old = section.to_dict()
+      v = {k: x for k, x in v.items() if k not in old or json.dumps(old[k]) != json.dumps(x)}
+      key += "~"
+    else:
+      key += "="
     s = json.dumps(v, separators=(",", ":")) if isinstance(v, (dict, list)) else repr(v)
-    return s.replace("|", "/")
+    return f"`{key}{s.replace(root, '').replace('|', '/')}`"
+
   if request.get("kind") == "transform":
-    root = os.path.abspath(workdir)
-    ins = ", ".join(os.path.relpath(p, root) if p.startswith(root + os.sep) else p for p in request["inputs"])
-    args = ", ".join(f"{k}={short(v)}" for k, v in request["args"].items())
-    return f"`{request['transform']}`({ins}{'; ' + args if args else ''})"
-  return ", ".join(f"`{k}={short(v)}`" for k, v in request["overrides"].items()) or "(none)"
+    ins = ", ".join(p[len(root):] if p.startswith(root) else p for p in request["inputs"])
+    args = ", ".join(short(k, v).strip("`") for k, v in request["args"].items())
+    return f"`{request['transform']}({ins}{'; ' + args if args else ''})`"
+  return ", ".join(short(k, v) for k, v in request["overrides"].items()) or "(none)"
