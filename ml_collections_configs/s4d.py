@@ -39,7 +39,7 @@ def get_config(arg: str | None = None):
   s.discs = ("zoh", "bilinear")
   s.disc_tasks = ("seq_digits",)  # tasks run with every disc; the others with discs[0] only
   s.seeds = (0, 1, 2)
-  s.ssm_lr = 1e-3                 # A, dt, B: own learning rate (min(ssm_lr, lr)) and no weight decay
+  s.ssm_lr = 1e-3                 # A, dt, B: their own peak lr, min(ssm_lr, optimizer.lr), and no weight decay
   s.kernel_task = "seq_digits"    # task whose learned kernels (seed 0) are plotted
   s.kernel_channels = 4           # channels of layer 0 drawn per panel
   s.plot = True
@@ -51,11 +51,11 @@ def get_config(arg: str | None = None):
       "pathfinder": ml_collections.ConfigDict(dict(name="pathfinder", image_size=16, seed=0, train_size=2000,
                                                    validation_size=200, test_size=500, heldout_size=0)),
   })
-  # vocab_size / input_channels are filled from the data set's info by the pipeline.
+  # init / disc / vocab_size / input_channels are set per stage by the pipeline (from s4d.* and the data set's info)
   c.model = ml_collections.ConfigDict(dict(
       name="s4d_seq", d_model=64, n_layers=2, dropout=0.0, prenorm=True, norm="layer", pool="mean",
       output="classify", causal=False, d_state=64, init="lin", disc="zoh", dt_min=1e-3, dt_max=1e-1,
-      chunk_size=1024))
+      chunk_size=1024, vocab_size=0, input_channels=1))
   if arg == "smoke":
     c.total_steps = 4
     s.tasks = ("seq_digits",)

@@ -311,15 +311,19 @@ def test_pipeline_smoke_writes_results_and_resumes(tmp_path):
   cfg = _load_config("smoke")
   out = main.run(cfg, str(tmp_path))
   assert out["runs"] == 2
-  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-  assert [(r["init"], r["disc"], r["seed"]) for r in rows] == [("lin", "zoh", 0), ("legs", "zoh", 0)]
-  for r in rows:
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert [(r["init"], r["disc"], r["seed"]) for r in res["rows"]] == [("lin", "zoh", 0), ("legs", "zoh", 0)]
+  for r in res["rows"]:
     assert 0.0 <= r["test_acc"] <= 1.0 and r["pretraining"] == "none" and r["model"] == "s4d_seq"
   for f in ("results.md", "accuracy.png", "kernels.png"):
     assert (tmp_path / f).stat().st_size > 0
-  # the run's stage config carries the SSM optimizer rule
-  stage_cfg = json.loads((tmp_path / "seq_digits/lin_zoh/seed0/summary.json").read_text())
-  assert stage_cfg["steps"] == 4
+  # the stage's recorded overrides carry the SSM rule: peak lr min(ssm_lr, lr) = 1e-3 of lr 0.01
+  stage = json.loads((tmp_path / "seq_digits/lin_zoh/seed0/stage.json").read_text())
+  assert stage["summary"]["steps"] == 4
+  assert stage["request"]["overrides"]["optimizer.lr_rules"][0][1] == pytest.approx(0.1)
+  assert "`model.init='lin'`" in (tmp_path / "results.md").read_text()
+  # one seed: no noise estimate, so the Inv/LegS claim is never decided
+  assert {c["verdict"] for c in res["claims"]} <= {"not tested"}
   # re-running skips the done stages and gives the same table
   again = main.run(cfg, str(tmp_path))
   assert again == out
@@ -327,11 +331,29 @@ def test_pipeline_smoke_writes_results_and_resumes(tmp_path):
     _load_config("big")
 
 
-def test_claims_skip_a_task_at_chance():
+def _report(table, majority):
+  import ml_collections
+
+  from jaxlab.experiments import Experiment, Report
   from jaxlab.pipelines import s4d as s4d_pipeline
-  row = lambda task, init, mean, std=0.0: dict(task=task, init=init, disc="zoh", mean=mean, std=std, n=3)  # noqa: E731
-  table = [row("pf", "lin", 0.5), row("pf", "inv", 0.5), row("pf", "legs", 0.5),
-           row("lo", "lin", 0.30, 0.01), row("lo", "inv", 0.31, 0.01), row("lo", "legs", 0.25, 0.01)]
-  lines = s4d_pipeline._claims(table, {"pf": 0.5, "lo": 0.1})
-  assert lines[0].startswith("- pf: every variant is at chance (50%)") and len(lines) == 2
-  assert lines[1].startswith("- lo: |Inv - LegS| = 6.0 points, outside two seed std (1.0)")
+  cfg = ml_collections.ConfigDict({"s4d": {"x": 1}})
+  rep = Report(Experiment(cfg, "/tmp/unused_s4d_report", "s4d"), "t")
+  s4d_pipeline.claims(rep, table, majority, ml_collections.ConfigDict({"discs": ("zoh", "bilinear"),
+                                                                        "inits": ("lin", "inv", "legs")}))
+  return rep
+
+
+def test_claims_need_a_learned_task_and_compare_within_two_std():
+  row = lambda task, init, mean, std=0.0, disc="zoh": dict(task=task, init=init, disc=disc, mean=mean, std=std, n=3)  # noqa: E731
+  table = [row("pf", "lin", 0.5), row("pf", "inv", 0.5), row("pf", "legs", 0.51),
+           row("lo", "lin", 0.30, 0.01), row("lo", "inv", 0.31, 0.01), row("lo", "legs", 0.25, 0.01),
+           row("lo", "lin", 0.305, 0.01, "bilinear")]
+  rep = _report(table, {"pf": 0.5, "lo": 0.15})
+  pre = {p["name"].split(":")[0]: p for p in rep.preconditions}
+  assert not pre["pf"]["holds"] and pre["pf"]["value"] == pytest.approx(0.01)
+  assert pre["lo"]["holds"] and pre["lo"]["value"] == pytest.approx(0.16)
+  verdicts = [(c["claim"], c["verdict"]) for c in rep.claims]
+  assert verdicts == [("S4D-Inv and S4D-LegS perform alike on pf", "not tested"),
+                      ("S4D-Inv and S4D-LegS perform alike on lo", "does not hold"),  # 6.0 > 2 * 1.0 points
+                      ("ZOH vs bilinear makes little difference on lo", "holds")]  # 0.5 <= 2.0 points
+  assert "6.0 vs 2.0 points" in rep.claims[1]["evidence"]
