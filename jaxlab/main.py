@@ -24,6 +24,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxlab.registry import Registry
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -202,21 +204,14 @@ def _export(config, workdir: str) -> dict:
 
 # config.job -> the function that runs it. A new job adds a line here and its checks in jaxlab/validate.py
 # (`validate.register(job, inputs=..., outputs=..., check=...)`), which run before anything is written.
-JOBS = {
-    "train": _train,
-    "transform": _transform,
-    "evaluate": _evaluate,
-    "pipeline": _pipeline,
-    "import": _import,
-    "export": _export,
-}
+JOBS = Registry("job", key="config.job")
+for _name, _fn in (("train", _train), ("transform", _transform), ("evaluate", _evaluate), ("pipeline", _pipeline),
+                   ("import", _import), ("export", _export)):
+  JOBS.register(_name, _fn)
 
 
 def _run_job(config, workdir: str) -> dict:
-  job = config.get("job", "train")
-  if job not in JOBS:
-    raise ValueError(f"config.job: unknown job {job!r}; use one of {', '.join(JOBS)}")
-  return JOBS[job](config, workdir)
+  return JOBS.get(config.get("job", "train"))(config, workdir)
 
 
 def _summary_line(result: dict) -> str:

@@ -4,6 +4,9 @@
 objective + data + optimizer (+ init_from)` and returns a summary dict. Every
 method in jaxlab trains through this function; the method modules only
 register parameterizations, loss terms, models, data sets and transforms.
+It reads as a page of named steps: set up the run, initialise (or restore)
+the state, compile the steps, run the loop, evaluate, save, summarise.
+Evaluation lives in `jaxlab.evaluate` (its names are re-exported here).
 
 Init precedence: resume from `<workdir>/checkpoints` > `config.init_from.path`
 (+ optional transform) > from scratch. The batch of step `s` and the dropout
@@ -13,6 +16,7 @@ again with the same command ends with bitwise the same parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -24,7 +28,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxlab import build, checkpoint, data, objectives, optim, profiling, sharding, trees, validate
+from jaxlab import build, checkpoint, data, objectives, optim, profiling, sharding, transforms, trees, validate
+from jaxlab import evaluate as evaluation
+from jaxlab.evaluate import evaluate, evaluate_checkpoint, jit_eval_step, make_eval_step  # noqa: F401  (re-exported)
 
 
 class NonFiniteError(FloatingPointError):
@@ -44,31 +50,9 @@ resolve_steps = validate.resolve_steps  # steps from total_steps / total_epochs 
 # ----------------------------------------------------------------------------
 
 
-def _apply(module, params, model_state, inputs, *, train, rng=None, features=False):
-  """Runs the model; returns (logits, new model_state, features or None)."""
-  mutable = list(model_state) if train else []
-  if features:
-    mutable.append("intermediates")
-  rngs = {"dropout": rng} if rng is not None else None
-  out = module.apply({"params": params, **model_state}, inputs, train=train, rngs=rngs,
-                     mutable=mutable if mutable else False)
-  if not mutable:
-    return _float32(out), model_state, None
-  logits, new_vars = out
-  logits = _float32(logits)
-  new_vars = dict(new_vars)
-  feats = new_vars.pop("intermediates", None)
-  new_state = {k: new_vars[k] for k in model_state} if train else model_state
-  return logits, new_state, feats
-
-
-def _float32(tree):
-  """Floating leaves below float32 (a bfloat16 model's outputs) as float32: losses and metrics are float32."""
-  def cast(x):
-    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
-      return x.astype(jnp.float32)
-    return x
-  return jax.tree.map(cast, tree)
+# Evaluation lives in jaxlab.evaluate (`evaluate`, `evaluate_checkpoint`, `jit_eval_step`, `make_eval_step` are
+# imported above for the callers that know them from train).
+_apply = evaluation.apply_model
 
 
 def _summary_writer_class():
@@ -100,13 +84,13 @@ def make_train_step(module, param, tx, obj_cfg, teacher=None):
     if preparer is not None:
       batch = preparer(batch, prep_rng, obj_cfg)
     params = param.materialize(theta)
-    logits, new_state, feats = _apply(module, params, model_state, batch["inputs"], train=True,
-                                      rng=drop_rng, features=want_features)
+    logits, new_state, feats = evaluation.apply_model(module, params, model_state, batch["inputs"], train=True,
+                                                      rng=drop_rng, features=want_features)
     ctx = objectives.Context(logits=logits, batch=batch, features=feats, params=params, theta=theta,
                              rng=rng)
     if teacher is not None:
-      t_logits, _, t_feats = _apply(teacher.module, teacher.params, teacher.model_state, batch["inputs"],
-                                    train=False, features=want_features)
+      t_logits, _, t_feats = evaluation.apply_model(teacher.module, teacher.params, teacher.model_state,
+                                                    batch["inputs"], train=False, features=want_features)
       ctx.teacher_logits, ctx.teacher_features = t_logits, t_feats
       ctx.teacher_params = teacher.params
     loss, metrics = objectives.total_loss(ctx, obj_cfg)
@@ -135,49 +119,6 @@ def make_train_step(module, param, tx, obj_cfg, teacher=None):
   return step
 
 
-@build.per_architecture
-def jit_eval_step(module, eval_fn):
-  """The jitted eval step of `module` (no preparer), shared by every evaluation of the same architecture."""
-  return jax.jit(make_eval_step(module, eval_fn))
-
-
-def make_eval_step(module, eval_fn, preparer=None, obj_cfg=None):
-  """Returns `step(params, model_state, batch) -> metric sums`; `preparer` (e.g. masking for a denoising
-  eval) is applied first with a fixed key, so eval masks are the same on every call."""
-  def step(params, model_state, batch):
-    if preparer is not None:
-      batch = preparer(batch, jax.random.key(0), obj_cfg)
-    logits, _, _ = _apply(module, params, model_state, batch["inputs"], train=False)
-    return eval_fn(logits, batch)
-  return step
-
-
-def evaluate(module, params, model_state, dataset: data.Dataset, split: str, batch_size: int, *,
-             mesh=None, eval_fn=None, eval_step=None) -> dict[str, float]:
-  """Exact metrics of a model over every example of `split` (padding masked out)."""
-  mesh = mesh or sharding.make_mesh()
-  eval_fn = eval_fn or objectives.get_eval({})
-  eval_step = eval_step or jit_eval_step(module, eval_fn)
-  n_dev = mesh.shape["data"]
-  batch_size = max(n_dev, (batch_size // n_dev) * n_dev)
-  totals: dict[str, float] = {}
-  for batch in dataset.eval_batches(split, batch_size, process_index=jax.process_index(),
-                                    process_count=jax.process_count()):
-    sums = jax.device_get(eval_step(params, model_state, dataset.device_preprocess(sharding.put_batch(batch, mesh))))
-    for k, v in sums.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  return objectives.finalize_eval(totals)
-
-
-def evaluate_checkpoint(path: str, split: str = "test", batch_size: int = 256, data_cfg=None,
-                        step: int | None = None) -> dict[str, float]:
-  """Loads a checkpoint from its meta alone and evaluates it on `split` of its data set."""
-  loaded = checkpoint.load(path, step)
-  dcfg = data_cfg if data_cfg is not None else loaded.meta["data"]["config"]
-  ds = data.get_dataset(dcfg, loaded.meta)
-  return evaluate(loaded.module, loaded.params, loaded.model_state, ds, split, batch_size)
-
-
 # ----------------------------------------------------------------------------
 # State initialisation
 # ----------------------------------------------------------------------------
@@ -188,7 +129,6 @@ def _init_from(config, theta, model_state):
   ic = config.get("init_from")
   if not ic or not ic.get("path"):
     return theta, model_state, None
-  from jaxlab import transforms  # local import: transforms import train helpers
   loaded = checkpoint.load(ic.path)
   provenance = {"init_from": os.path.abspath(ic.path), "step": loaded.step}
   if ic.get("transform"):
@@ -238,18 +178,31 @@ def make_meta(config, dataset, step: int, metrics: dict | None = None, provenanc
 
 
 class MetricWriter:
-  """Metrics as JSON lines (`metrics.jsonl`) and TensorBoard events in the workdir."""
+  """Metrics as JSON lines (`metrics.jsonl`) and TensorBoard events in the workdir, and the progress bar.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Args:
+    workdir: where `metrics.jsonl` and `tensorboard/` are written.
+    enabled: write anything at all (only process 0 ever writes).
+    total, start: the run's last step and the step it starts from (the bar's range).
+    progress: show a tqdm progress bar (`config.progress`).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, *, total: int = 0, start: int = 0,
+               progress: bool = False):
     self.enabled = enabled and jax.process_index() == 0
     self._jsonl = None
     self._tb = None
+    self.pbar = None
     if self.enabled:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       try:
         self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
       except ImportError:  # pragma: no cover
         self._tb = None
+    if progress and jax.process_index() == 0:
+      from tqdm.auto import tqdm
+      self.pbar = tqdm(total=total, initial=start, desc=os.path.basename(os.path.abspath(workdir)),
+                       dynamic_ncols=True, leave=True)
 
   def write(self, step: int, metrics: dict, prefix: str = ""):
     if not self.enabled:
@@ -262,32 +215,56 @@ class MetricWriter:
         if k != "step":
           self._tb.add_scalar(k, v, step)
 
+  def write_train(self, step: int, metrics: dict, last_eval: dict):
+    """Train metrics of the steps up to `step`, also shown on the bar (with the last validation accuracy)."""
+    self.write(step, metrics, prefix="train/")
+    if self.pbar is not None:
+      post = {"loss": f"{metrics['loss']:.4f}", "ex/s": f"{metrics['examples_per_s']:.0f}"}
+      if "accuracy" in metrics:
+        post["acc"] = f"{metrics['accuracy']:.3f}"
+      if last_eval:
+        post["val"] = f"{last_eval.get('accuracy', float('nan')):.3f}"
+      self.pbar.set_postfix(post, refresh=False)
+
+  def advance(self):
+    """One step done (the bar)."""
+    if self.pbar is not None:
+      self.pbar.update(1)
+
+  def close_progress(self):
+    """Closes the bar (first, on an error: the error is then printed on a line of its own)."""
+    if self.pbar is not None:
+      self.pbar.close()
+      self.pbar = None
+
   def close(self):
+    self.close_progress()
     if self._jsonl:
       self._jsonl.close()
+      self._jsonl = None
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
 # ----------------------------------------------------------------------------
-# The loop
+# The run: a page of named steps
 # ----------------------------------------------------------------------------
 
 
 class _Opened:
-  """What a training run opened (checkpoint manager, progress bar, metric files), closed on every error path:
-  the bar first, so the error is printed on a line of its own, then the checkpoint manager (its pending save
-  finishes, and no orbax thread outlives the interpreter), then the metric files."""
+  """What a training run opened (checkpoint manager, metric writer and bar, input workers), closed on every error
+  path: the bar first, so the error is printed on a line of its own, then the other closers, then the checkpoint
+  manager (its pending save finishes, and no orbax thread outlives the interpreter), then the metric files."""
 
   def __init__(self):
-    self.pbar = None
     self.mngr = None
     self.writer = None
     self.others: list = []  # more closers, called first (e.g. the input pipeline's workers)
 
   def close_after_error(self):
-    if self.pbar is not None:
-      self.pbar.close()
+    if self.writer is not None:
+      self.writer.close_progress()
     for close in self.others:
       try:
         close()
@@ -297,6 +274,22 @@ class _Opened:
       self.mngr.close(raise_errors=False)
     if self.writer is not None:
       self.writer.close()
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the steps of one run share: the data, its length, the devices, the model and its parameterization."""
+  config: Any
+  workdir: str
+  dataset: data.Dataset
+  total: int
+  mesh: Any
+  batch_size: int
+  module: Any
+  param: Any
+  init_rng: Any
+  param_rng: Any
+  step_rng: Any
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -328,102 +321,142 @@ def _train_and_evaluate(config, workdir: str, opened: _Opened) -> dict[str, Any]
   t0 = time.time()
   validate.train_run(config, workdir)  # a refusal leaves no trace: nothing is written before this
   os.makedirs(workdir, exist_ok=True)
+  run = _set_up(config, workdir)
+  state, state_sh, tx, sched, provenance, n_params = _initial_state(run)
+  mngr = opened.mngr = checkpoint.Manager(workdir, max_to_keep=config.get("keep_checkpoints", 2))
+  state, start, provenance = _restore_or_keep(mngr, state, state_sh, provenance)
+  train_step, eval_step, materialize = _compiled_steps(run, tx)
+  writer = opened.writer = MetricWriter(workdir, total=run.total, start=start,
+                                        progress=bool(config.get("progress", True)))
+
+  def run_eval(state, splits, step):
+    return _evaluate_splits(run, materialize, eval_step, state, splits, step, writer)
+
+  state = _train_loop(run, state, start, train_step, sched, run_eval, mngr, writer, provenance, opened)
+  results = run_eval(state, _final_splits(config), run.total) if run.total > 0 else {}
+  flat = {f"{s}/{k}": v for s, m in results.items() for k, v in m.items()}
+  if run.total not in mngr.all_steps():  # a finished run started again only re-evaluates
+    _save(mngr, state, config, run.dataset, run.total, flat, provenance)
+  mngr.close()
+  writer.close()
+  return _write_summary(run, results, n_params, trees.count(state["theta"]), time.time() - t0)
+
+
+def _set_up(config, workdir: str) -> _Run:
+  """The data set, the number of steps, the device mesh, the model, the parameterization and the run's keys."""
   dataset = data.get_dataset(config.data, data.checkpoint_meta_for(config))  # + an imported model's preprocessing
   total = resolve_steps(config, dataset.num_examples("train"))
-  mesh = sharding.make_mesh(config.get("sharding", {}).get("num_devices") or None)
+  mesh = sharding.make_mesh(config.sharding.num_devices or None)
   n_dev = mesh.shape["data"]
   bs = int(config.data.batch_size)
   if bs % n_dev or bs % jax.process_count():
     raise ValueError(f"config.data.batch_size={bs} must be divisible by the {n_dev} devices")
-
   module = build.model(config.model, dataset.num_classes)
   param = build.parameterization(config.get("parameterization"), config.model)
-  rng = jax.random.key(int(config.seed))
-  init_rng, param_rng, step_rng = jax.random.split(rng, 3)
-  variables = build.init_variables(module, init_rng, dataset.input_shape, dataset.input_dtype)
+  init_rng, param_rng, step_rng = jax.random.split(jax.random.key(int(config.seed)), 3)
+  return _Run(config, workdir, dataset, total, mesh, bs, module, param, init_rng, param_rng, step_rng)
+
+
+def _initial_state(run: _Run):
+  """A fresh state (model init, the parameterization's theta, `config.init_from` weights, optimizer state), its
+  shardings, the optimizer and its schedule, the init provenance and the model's parameter count."""
+  config = run.config
+  variables = build.init_variables(run.module, run.init_rng, run.dataset.input_shape, run.dataset.input_dtype)
   params = variables.pop("params")
   model_state = variables
-  theta = param.init(param_rng, params)
+  theta = run.param.init(run.param_rng, params)
   theta, model_state, provenance = _init_from(config, theta, model_state)
-  tx, sched = optim.build(config.optimizer, theta, total)
+  tx, sched = optim.build(config.optimizer, theta, run.total)
   state = {"step": jnp.zeros((), jnp.int32), "theta": theta, "opt_state": tx.init(theta),
            "model_state": model_state}
+  fsdp = tuple(tuple(r) for r in config.sharding.fsdp)
+  state_sh = {"step": sharding.replicated(run.mesh),
+              "theta": sharding.param_shardings(state["theta"], run.mesh, fsdp),
+              "opt_state": sharding.param_shardings(state["opt_state"], run.mesh, ()),
+              "model_state": sharding.param_shardings(state["model_state"], run.mesh, ())}
+  return state, state_sh, tx, sched, provenance, trees.count(params)
 
-  fsdp = tuple(tuple(r) for r in config.get("sharding", {}).get("fsdp", ()))
-  state_sh = {"step": sharding.replicated(mesh),
-              "theta": sharding.param_shardings(state["theta"], mesh, fsdp),
-              "opt_state": sharding.param_shardings(state["opt_state"], mesh, ()),
-              "model_state": sharding.param_shardings(state["model_state"], mesh, ())}
 
-  mngr = opened.mngr = checkpoint.Manager(workdir, max_to_keep=config.get("keep_checkpoints", 2))
+def _restore_or_keep(mngr, state, state_sh, provenance):
+  """The workdir's latest checkpoint (resume) if there is one, else `state`; placed on the devices.
+
+  Returns:
+    `(state, start step, provenance)`.
+
+  Raises:
+    CheckpointReadError: the checkpoint does not fit this config.
+  """
   start = mngr.latest_step()
-  if start is not None:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=s),
-                            state, state_sh)
-    weights_t = {"theta": abstract["theta"]}
-    if model_state:
-      weights_t["model_state"] = abstract["model_state"]
-    try:
-      restored = mngr.restore(start, weights_t, abstract["opt_state"])
-    except Exception as e:
-      raise checkpoint.CheckpointReadError(
-          f"{mngr.directory}: cannot resume step {start} with this config ({str(e).splitlines()[0][:200]}); "
-          "use a fresh --workdir or the config that wrote it") from e
-    state = {"step": jnp.asarray(start, jnp.int32), "theta": restored["weights"]["theta"],
-             "opt_state": restored["opt_state"],
-             "model_state": dict(restored["weights"].get("model_state", {}))}
-    provenance = restored["meta"].get("provenance", provenance)
-    logging.info("resumed from %s at step %d", mngr.directory, start)
-    start = int(start)
-  else:
-    start = 0
-  state = jax.device_put(state, state_sh)
+  if start is None:
+    return jax.device_put(state, state_sh), 0, provenance
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=s),
+                          state, state_sh)
+  weights_t = {"theta": abstract["theta"]}
+  if state["model_state"]:
+    weights_t["model_state"] = abstract["model_state"]
+  try:
+    restored = mngr.restore(start, weights_t, abstract["opt_state"])
+  except Exception as e:
+    raise checkpoint.CheckpointReadError(
+        f"{mngr.directory}: cannot resume step {start} with this config ({str(e).splitlines()[0][:200]}); "
+        "use a fresh --workdir or the config that wrote it") from e
+  state = {"step": jnp.asarray(start, jnp.int32), "theta": restored["weights"]["theta"],
+           "opt_state": restored["opt_state"], "model_state": dict(restored["weights"].get("model_state", {}))}
+  logging.info("resumed from %s at step %d", mngr.directory, start)
+  return jax.device_put(state, state_sh), int(start), restored["meta"].get("provenance", provenance)
 
-  teacher = None
-  if config.get("objective", {}).get("teacher"):
-    teacher = checkpoint.load(config.objective.teacher)
-  obj_cfg = config.get("objective") or {}
-  train_step = jax.jit(make_train_step(module, param, tx, obj_cfg, teacher), donate_argnums=(0,))
+
+def _compiled_steps(run: _Run, tx):
+  """The jitted train step (state donated), eval step and `materialize` of the run."""
+  obj_cfg = run.config.get("objective") or {}
+  teacher = checkpoint.load(obj_cfg.teacher) if obj_cfg.get("teacher") else None
+  train_step = jax.jit(make_train_step(run.module, run.param, tx, obj_cfg, teacher), donate_argnums=(0,))
   eval_fn = objectives.get_eval(obj_cfg)
   eval_prep = objectives.get_preparer(obj_cfg) if obj_cfg.get("eval_prepare", False) else None
-  eval_step = jax.jit(make_eval_step(module, eval_fn, eval_prep, obj_cfg)) if eval_prep else jit_eval_step(
-      module, eval_fn)
-  materialize = jax.jit(param.materialize)
-  eval_bs = int(config.data.get("eval_batch_size", 256))
-  eval_splits = tuple(config.get("eval_splits", ("validation",)))
+  if eval_prep:
+    eval_step = jax.jit(make_eval_step(run.module, eval_fn, eval_prep, obj_cfg))
+  else:
+    eval_step = jit_eval_step(run.module, eval_fn)
+  return train_step, eval_step, jax.jit(run.param.materialize)
 
-  def run_eval(splits, step):
-    p = materialize(state["theta"])
-    out = {}
-    for split in splits:
-      m = evaluate(module, p, state["model_state"], dataset, split, eval_bs, mesh=mesh, eval_step=eval_step)
-      out[split] = m
-      writer.write(step, {k: v for k, v in m.items() if k != "count"}, prefix=f"{split}/")
-    return out
 
-  n_params = trees.count(params)
-  n_theta = trees.count(state["theta"])
-  writer = opened.writer = MetricWriter(workdir)
-  log_every = int(config.get("log_every", 50))
-  eval_every = int(config.get("eval_every", 0) or 0)
-  ckpt_every = int(config.get("checkpoint_every", 0) or 0)
-  seed = int(config.seed)
-  pbar = None
-  if config.get("progress", True) and jax.process_index() == 0:
-    from tqdm.auto import tqdm
-    pbar = tqdm(total=total, initial=start, desc=os.path.basename(os.path.abspath(workdir)),
-                dynamic_ncols=True, leave=True)
-    opened.pbar = pbar
+def _evaluate_splits(run: _Run, materialize, eval_step, state, splits, step: int, writer: MetricWriter) -> dict:
+  """Metrics of the current state on each of `splits`, also written at `step`."""
+  p = materialize(state["theta"])
+  out = {}
+  for split in splits:
+    m = evaluate(run.module, p, state["model_state"], run.dataset, split, int(run.config.data.eval_batch_size),
+                 mesh=run.mesh, eval_step=eval_step)
+    out[split] = m
+    writer.write(step, {k: v for k, v in m.items() if k != "count"}, prefix=f"{split}/")
+  return out
+
+
+def _final_splits(config) -> tuple[str, ...]:
+  return tuple(dict.fromkeys(tuple(config.eval_splits) + tuple(config.final_eval_splits)))
+
+
+def _train_loop(run: _Run, state, start: int, train_step, sched, run_eval, mngr, writer: MetricWriter,
+                provenance, opened: _Opened):
+  """Steps `start..total`: train metrics every `log_every` steps, evaluation every `eval_every`
+  (`run_eval(state, splits, step)`), checkpoints every `checkpoint_every`; returns the final state (the state
+  passed in is donated to the first step). The batch of step s comes from `(seed, s)` alone."""
+  config, total, bs = run.config, run.total, run.batch_size
+  log_every = int(config.log_every)
+  eval_every = int(config.eval_every or 0)
+  ckpt_every = int(config.checkpoint_every or 0)
+  eval_splits = tuple(config.eval_splits)
   last_eval: dict = {}
   t_log, n_log = time.time(), 0
   pending: list = []
-  batches = data.TrainBatches(dataset, config.data, start=start, total=total, batch_size=bs, seed=seed, mesh=mesh)
-  tracer = profiling.StepTracer(workdir, int(config.get("profile_steps", 0) or 0), start, total)
+  batches = data.TrainBatches(run.dataset, config.data, start=start, total=total, batch_size=bs,
+                              seed=int(config.seed), mesh=run.mesh)
+  tracer = profiling.StepTracer(run.workdir, int(config.profile_steps or 0), start, total)
   opened.others += [batches.close, lambda: tracer.close(state)]  # input workers, profiler: also on an error
   try:
     for step in range(start, total):
       tracer.step(step, state)  # config.profile_steps: jax.profiler trace of a few steps
-      state, metrics = train_step(state, next(batches), step_rng)  # batch of (seed, step), already on device
+      state, metrics = train_step(state, next(batches), run.step_rng)  # batch of (seed, step), already on device
       pending.append(metrics)
       n_log += bs
       done = step + 1
@@ -435,50 +468,38 @@ def _train_and_evaluate(config, workdir: str, opened: _Opened) -> dict[str, Any]
         m["lr"] = float(sched(done - 1))
         m["examples_per_s"] = n_log / max(time.time() - t_log, 1e-9)
         t_log, n_log = time.time(), 0
-        writer.write(done, m, prefix="train/")
-        if pbar is not None:
-          post = {"loss": f"{m['loss']:.4f}", "ex/s": f"{m['examples_per_s']:.0f}"}
-          if "accuracy" in m:
-            post["acc"] = f"{m['accuracy']:.3f}"
-          if last_eval:
-            post["val"] = f"{last_eval.get('accuracy', float('nan')):.3f}"
-          pbar.set_postfix(post, refresh=False)
-      if pbar is not None:
-        pbar.update(1)
+        writer.write_train(done, m, last_eval)
+      writer.advance()
       if eval_every and done % eval_every == 0 and done != total:
-        last_eval = run_eval(eval_splits[:1], done)[eval_splits[0]] if eval_splits else {}
+        last_eval = run_eval(state, eval_splits[:1], done)[eval_splits[0]] if eval_splits else {}
       if ckpt_every and done % ckpt_every == 0 and done != total:
         _check_finite(jax.device_get(pending), done, mngr)  # never checkpoint a state after a non-finite step
-        _save(mngr, state, config, dataset, done, {}, provenance)
+        _save(mngr, state, config, run.dataset, done, {}, provenance)
   except KeyboardInterrupt:
     tracer.close(state)
     batches.close()
     mngr.close()
-    if pbar is not None:
-      pbar.close()
+    writer.close_progress()
     raise
   tracer.close(state)
   batches.close()
-  if pbar is not None:
-    pbar.close()
-  final_splits = tuple(dict.fromkeys(eval_splits + tuple(config.get("final_eval_splits", ("test",)))))
-  results = run_eval(final_splits, total) if total > 0 else {}
-  flat = {f"{s}/{k}": v for s, m in results.items() for k, v in m.items()}
-  if total not in mngr.all_steps():  # a finished run started again only re-evaluates
-    _save(mngr, state, config, dataset, total, flat, provenance)
-  mngr.close()
-  writer.close()
+  writer.close_progress()
+  return state
+
+
+def _write_summary(run: _Run, results: dict, n_params: int, n_theta: int, wall_s: float) -> dict:
+  """The run's summary (also `<workdir>/summary.json`, the mark of a finished run)."""
   summary = {
-      "workdir": os.path.abspath(workdir),
-      "steps": total,
+      "workdir": os.path.abspath(run.workdir),
+      "steps": run.total,
       "params": n_params,
       "trainable": n_theta,
-      "wall_s": time.time() - t0,
+      "wall_s": wall_s,
       **{f"{s}_accuracy": m.get("accuracy") for s, m in results.items()},
       "metrics": results,
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
+    with open(os.path.join(run.workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   return summary
 

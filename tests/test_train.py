@@ -53,6 +53,7 @@ def test_checkpoint_loads_from_meta_alone_and_evaluates(full_run):
   assert loaded.meta["step"] == 6 and "test/accuracy" in loaded.meta["metrics"]
   m = train.evaluate_checkpoint(wd, "test")
   assert m["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+  assert m["loss"] == pytest.approx(summary["metrics"]["test"]["loss"], rel=1e-5)  # the final state was evaluated
   assert m["count"] == 360
 
 
