@@ -124,7 +124,8 @@ def as_tuple(value, kind=str) -> tuple:
   """A tuple from a tuple/list or comma-separated strings.
 
   `--config.x.seeds=0,1` arrives as the string '0,1' and `--config.x.tasks=a,b` as ('a,b',) (ml_collections
-  wraps a value that is not a Python literal); both become `(0, 1)` / `('a', 'b')` here.
+  wraps a value that is not a Python literal); both become `(0, 1)` / `('a', 'b')` here. Every string item is
+  split, so an item cannot contain a comma (write a regex in a list key without a `{m,n}` quantifier).
   """
   if isinstance(value, str):
     value = [value]
@@ -132,3 +133,10 @@ def as_tuple(value, kind=str) -> tuple:
   for v in value:
     out += [kind(x.strip()) for x in v.split(",") if x.strip()] if isinstance(v, str) else [kind(v)]
   return tuple(out)
+
+
+def as_paths(value) -> tuple[str, ...]:
+  """File or checkpoint paths from a config value: `as_tuple`, and brackets and quotes around each path dropped
+  (`--config.inputs=(runs/a,runs/b)` is one string that is not a Python literal); empty items are dropped."""
+  paths = (p.strip("()[]'\" ") for p in as_tuple(value if value else ()))
+  return tuple(p for p in paths if p)

@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxlab import configs
 from jaxlab.registry import Registry
 
 # ----------------------------------------------------------------------------
@@ -212,9 +213,7 @@ def _paths(config, keys: Sequence[str]) -> list[tuple[str, str]]:
     value = _get(config, key)
     if not value:
       continue
-    values = value if isinstance(value, (tuple, list)) else (value,)
-    for v in values:
-      out += [(f"config.{key}", p.strip().strip("()[]'\" ")) for p in str(v).split(",") if p.strip(" ()[]'\"")]
+    out += [(f"config.{key}", p) for p in configs.as_paths(value if isinstance(value, (tuple, list)) else str(value))]
   return out
 
 

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from jaxlab import trees
+from jaxlab.configs import as_tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,9 +300,7 @@ def regex_list(values) -> tuple[str, ...]:
   Raises:
     ValueError: an invalid regex.
   """
-  if isinstance(values, str):
-    values = [v for v in values.split(",")]
-  out = tuple(str(v).strip() for v in values or () if str(v).strip())
+  out = as_tuple(values or ())
   for v in out:
     try:
       re.compile(v)

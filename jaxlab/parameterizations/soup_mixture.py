@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlab import checkpoint, parameterizations, trees
+from jaxlab.configs import as_paths
 
 
 @parameterizations.register("soup_mixture")
@@ -53,9 +54,7 @@ class SoupMixture:
                layer_leaves: Sequence[str] = (r"blocks/.*",), scale_leaves: Sequence[str] = (r"head/.*",),
                learn_scale: bool = True):
     del model_cfg
-    if isinstance(ingredients, str):
-      ingredients = [p for p in ingredients.split(",") if p.strip()]
-    self.ingredients = [str(p) for p in ingredients]
+    self.ingredients = list(as_paths(ingredients))
     if not self.ingredients:
       raise ValueError("config.parameterization.ingredients: give the ingredient checkpoints of the learned soup")
     if granularity not in ("tensor", "model"):

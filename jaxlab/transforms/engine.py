@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import jax
 
-from jaxlab import build, checkpoint, sharding, trees
+from jaxlab import build, checkpoint, configs, sharding, trees
 from jaxlab.transforms import registry
 
 
@@ -190,12 +190,7 @@ def apply(name: str, inputs, args: dict | None = None) -> registry.Output:
 
 def split_paths(values) -> list[str]:
   """Checkpoint paths from a config string or tuple: comma separated, `(a,b)` and quotes allowed, blanks dropped."""
-  if isinstance(values, str):
-    values = (values,)
-  out = []
-  for v in values or ():
-    out += [p.strip().strip("()[]'\" ") for p in str(v).split(",")]
-  return [p for p in out if p]
+  return list(configs.as_paths(values))
 
 
 def check_output_dir(workdir: str, paths: Sequence[str]) -> None:
