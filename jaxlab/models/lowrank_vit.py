@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab import trees
+from jaxlab.configs import as_tuple
 from jaxlab.models import registry, vit
 
 # Local Dense names inside the ViT block -> full layer path used by `keep_dense`.
@@ -135,9 +136,7 @@ def split_config(cfg) -> tuple[dict, LowRankFactory]:
   keep = kw.pop("keep_dense", DEFAULT_KEEP_DENSE)
   if keep is None:
     keep = DEFAULT_KEEP_DENSE
-  if isinstance(keep, str):
-    keep = tuple(p for p in keep.split(",") if p)
-  keep = tuple(str(p) for p in keep)
+  keep = as_tuple(keep)  # 'a,b' from the command line
   for pattern in keep:
     try:
       re.compile(pattern)
