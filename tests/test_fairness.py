@@ -159,3 +159,60 @@ def test_position_mean_and_all_zero():
   # Channels [N, L, C] average over C, as the L1 pretraining loss does.
   t3 = np.stack([t, 2 * t], -1)
   assert baselines.all_zero(t3, m)["mae"] == pytest.approx(1.5 * z["mae"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Length-masked sequence classifiers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,causal,pool", [("s4d_seq", False, "mean"), ("s4d_seq", True, "last"),
+                                              ("transformer_seq", False, "mean"), ("transformer_seq", True, "last")])
+def test_padding_does_not_change_the_output(name, causal, pool):
+  from jaxlab import build
+  cfg = {"name": name, "vocab_size": 16, "d_model": 16, "n_layers": 2, "pool": pool, "causal": causal}
+  if name == "s4d_seq":
+    cfg["d_state"] = 8
+  else:
+    cfg.update(num_heads=2, max_len=64)
+  rng = np.random.default_rng(0)
+  lengths = np.array([3, 11, 20])
+  short = np.zeros((3, 24), np.int32)
+  for i, n in enumerate(lengths):
+    short[i, :n] = rng.integers(1, 16, n)
+  long = np.pad(short, ((0, 0), (0, 16)))  # 16 more padding tokens
+  model = build.model(cfg, 10)
+  v = model.init(jax.random.key(0), jnp.asarray(short))
+  a, b = model.apply(v, jnp.asarray(short)), model.apply(v, jnp.asarray(long))
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+  # The mean over the true length (pool='mean') equals the output of the unpadded sequence alone.
+  if pool == "mean":
+    alone = model.apply(v, jnp.asarray(short[:1, :3]))
+    np.testing.assert_allclose(np.asarray(alone), np.asarray(a[:1]), atol=2e-5)
+  # With padding honoured off (-1, every position computed and pooled) the extra padding moves the logits.
+  off = build.model({**cfg, "pool_pad_id": -1}, 10)
+  assert np.abs(np.asarray(off.apply(v, jnp.asarray(short)) - off.apply(v, jnp.asarray(long)))).max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Greedy soup order on ties
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_greedy_order_on_a_tied_table_matches_the_official_sort():
+  import operator
+
+  from jaxlab.transforms import soups
+  accs = [0.90, 0.95, 0.95, 0.92, 0.95, 0.90]
+  # The official code: a stable ascending sort of (name, accuracy) pairs by accuracy, then reverse.
+  official = sorted(enumerate(accs), key=operator.itemgetter(1))
+  official.reverse()
+  assert soups.greedy_order(accs) == [i for i, _ in official] == [4, 2, 1, 3, 5, 0]
+  assert soups.greedy_order(accs, "input") == [1, 2, 4, 3, 0, 5]
+  rng = np.random.default_rng(0)
+  for _ in range(50):  # random tables with many ties
+    a = rng.integers(0, 4, size=7) / 4
+    ref = sorted(enumerate(a.tolist()), key=operator.itemgetter(1))[::-1]
+    assert soups.greedy_order(a) == [i for i, _ in ref]
+  with pytest.raises(ValueError, match="ties"):
+    soups.greedy_order(accs, "random")

@@ -8,6 +8,17 @@ model reads masked and clean inputs)). Blocks are stacked on a leading depth axi
 (`nn.scan`). Output: `classify` -> pool ('mean' | 'last') -> logits [B, K];
 `per_position` -> [B, L, out_dim].
 
+Padding (`pool_pad_id`, token inputs): tokens equal to it are padding, and the
+model computes over the true length only: each S4D layer's input is zeroed at
+padded positions (so neither the causal nor the bidirectional convolution
+carries padding into real positions), the Transformer's attention ignores
+padded keys, `pool='mean'` averages the real positions and `pool='last'` takes
+the last real one (the official S4 pipeline pools over the true length). The
+outputs at real positions, and the pooled output, are then the same however
+much padding follows the tokens (tested). Default (None): 0 for token inputs,
+the pad id of every jaxlab token set (`Dataset.info['pad_id']`); -1 turns it
+off (every position computed and pooled, the behaviour before issue 13).
+
 Parameter paths:
 
     encoder/embedding [V+1, D]  or  encoder/{kernel [C(+1), D], bias [D]}
@@ -44,7 +55,7 @@ from jaxlab.models.s4d import S4D
 
 COMMON_KEYS = dict(d_model=64, n_layers=2, dropout=0.0, prenorm=True, norm="layer", vocab_size=0,
                    input_channels=1, mask_channel=False, pool="mean", output="classify", out_dim=0,
-                   causal=False, pool_pad_id=-1)
+                   causal=False, pool_pad_id=None)
 S4D_KEYS = dict(d_state=64, init="lin", disc="zoh", dt_min=1e-3, dt_max=1e-1, bidirectional=None,
                 chunk_size=1024)
 TRANSFORMER_KEYS = dict(num_heads=4, mlp_dim=0, max_len=2048, attn_dropout=0.0)
@@ -77,19 +88,37 @@ def _encode(mod: nn.Module, x, step: bool):
   return x
 
 
-def _head(mod: nn.Module, x, num_classes: int, tokens=None):
-  """Pool and classify; with `pool_pad_id >= 0` and token inputs, 'mean' averages only the real (non-pad) tokens."""
+def pad_id(mod: nn.Module) -> int:
+  """The padding token id the model honours: `pool_pad_id`, None = 0 for token inputs; -1 = none."""
+  if mod.vocab_size <= 0:
+    return -1
+  return 0 if mod.pool_pad_id is None else int(mod.pool_pad_id)
+
+
+def real_mask(mod: nn.Module, tokens) -> jax.Array | None:
+  """float [B, L] ([B] for one step's tokens): 1 at real (non-padding) tokens; None when padding is not honoured."""
+  pid = pad_id(mod)
+  if pid < 0 or tokens is None:
+    return None
+  return (tokens != pid).astype(jnp.float32)
+
+
+def _head(mod: nn.Module, x, num_classes: int, real=None):
+  """Pool and classify; with a `real` mask [B, L] 'mean' averages the real positions, 'last' takes the last one."""
   if mod.output == "per_position":
     if not mod.out_dim:
       raise ValueError("model.out_dim: set the per-position output size for output='per_position'")
     return nn.Dense(mod.out_dim, name="decoder")(x).astype(jnp.float32)
   if mod.output != "classify":
     raise ValueError(f"model.output: unknown output {mod.output!r}; use 'classify' or 'per_position'")
-  if mod.pool == "mean" and mod.pool_pad_id >= 0 and mod.vocab_size > 0 and tokens is not None:
-    real = (tokens != mod.pool_pad_id).astype(x.dtype)[..., None]  # true lengths: padding is never pooled
-    x = (x * real).sum(axis=1) / jnp.maximum(real.sum(axis=1), 1.0)
+  if mod.pool == "mean" and real is not None:
+    w = real.astype(x.dtype)[..., None]  # true lengths: padding is never pooled
+    x = (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
   elif mod.pool == "mean":
     x = x.mean(axis=1)
+  elif mod.pool == "last" and real is not None:
+    last = jnp.maximum(real.sum(axis=1).astype(jnp.int32) - 1, 0)  # right padding: the last real position
+    x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
   elif mod.pool == "last":
     x = x[:, -1]
   else:
@@ -105,9 +134,11 @@ class S4DBlock(nn.Module):
   layer_kw: Any
 
   @nn.compact
-  def __call__(self, x, state, train: bool):
+  def __call__(self, x, state, real, train: bool):
     norm = _norm(self.norm, train, "norm")
     z = norm(x) if self.prenorm else x
+    if real is not None:  # padded positions feed zeros to the convolution: real positions never see padding
+      z = z * real[..., None].astype(z.dtype)
     layer = S4D(dropout=self.dropout, name="s4d", **self.layer_kw)
     if state is None:
       z, new_state = layer(z, train), None
@@ -136,7 +167,7 @@ class SeqBackbone(nn.Module):
   output: str = "classify"
   out_dim: int = 0
   causal: bool = False
-  pool_pad_id: int = -1  # token id of padding left out of pool='mean' (true lengths); -1 = pool every position
+  pool_pad_id: int | None = None  # padding token id (true-length compute and pooling); None = 0 for tokens, -1 off
 
 
 class S4DSeq(SeqBackbone):
@@ -164,15 +195,16 @@ class S4DSeq(SeqBackbone):
         S4DBlock,
         variable_axes={"params": 0, "batch_stats": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(0, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast),
         length=self.n_layers,
     )(self.prenorm, self.norm, self.dropout, layer_kw, name="blocks")
-    x, new_state = blocks(x, state, train)
+    real = real_mask(self, tokens)  # step mode too: a pad token feeds the layers zeros, as in convolution mode
+    x, new_state = blocks(x, state, real, train)
     if self.prenorm:
       x = _norm(self.norm, train, "norm")(x)
     if step:
       return nn.Dense(self.out_dim, name="decoder")(x).astype(jnp.float32), new_state
-    return _head(self, x, self.num_classes, tokens)
+    return _head(self, x, self.num_classes, real)
 
 
 def _encoder(mod: nn.Module, x):
@@ -196,9 +228,12 @@ class TransformerBlock(nn.Module):
   causal: bool
 
   @nn.compact
-  def __call__(self, x, _, train: bool):
+  def __call__(self, x, real, train: bool):
     d = x.shape[-1]
     mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32)) if self.causal else None
+    if real is not None:  # padded keys are never attended to
+      keys = nn.make_attention_mask(jnp.ones(x.shape[:2], jnp.float32), real)
+      mask = keys if mask is None else nn.combine_masks(mask, keys)
     n1, n2 = _norm(self.norm, train, "norm1"), _norm(self.norm, train, "norm2")
     z = n1(x) if self.prenorm else x
     z = nn.MultiHeadDotProductAttention(self.num_heads, dropout_rate=self.attn_dropout, name="attn",
@@ -240,10 +275,11 @@ class TransformerSeq(SeqBackbone):
         length=self.n_layers,
     )(self.num_heads, self.mlp_dim, self.prenorm, self.norm, self.dropout, self.attn_dropout, self.causal,
       name="blocks")
-    x, _ = blocks(x, None, train)
+    real = real_mask(self, tokens)
+    x, _ = blocks(x, real, train)
     if self.prenorm:
       x = _norm(self.norm, train, "norm")(x)
-    return _head(self, x, self.num_classes, tokens)
+    return _head(self, x, self.num_classes, real)
 
 
 def _kwargs(cfg, allowed: dict, name: str) -> dict:

@@ -279,6 +279,28 @@ def recompute_batch_stats_fn(module, params, model_state: dict, dataset, num_bat
   return {**others, "batch_stats": jax.tree.map(lambda t, r: (t / num_batches).astype(r.dtype), total, stats)}
 
 
+GREEDY_TIES = ("official", "input")
+
+
+def greedy_order(accs, ties: str = "official") -> list[int]:
+  """The order in which greedy soup tries the ingredients: held-out accuracy descending.
+
+  Ties matter with small held-out splits (180 images give many equal accuracies), and the first ingredient is
+  the soup's start. 'official': the official code sorts the (name, accuracy) pairs ascending with a stable sort
+  and reverses the list, so among equal accuracies the later input comes first. 'input': the earlier input
+  comes first.
+
+  Raises:
+    ValueError: for an unknown `ties` rule.
+  """
+  if ties not in GREEDY_TIES:
+    raise ValueError(f"greedy_soup: ties must be one of {list(GREEDY_TIES)}, got {ties!r}")
+  n = len(accs)
+  if ties == "official":
+    return sorted(range(n), key=lambda i: (-float(accs[i]), -i))
+  return sorted(range(n), key=lambda i: (-float(accs[i]), i))
+
+
 @register(
     "greedy_soup", idea="Add ingredients in order of held-out accuracy, keeping one only if the soup's held-out "
     "accuracy improves (never worse than the best ingredient on that split)", reference=SOUPS_REF + " (Recipe 1)",
@@ -289,10 +311,12 @@ def recompute_batch_stats_fn(module, params, model_state: dict, dataset, num_bat
                         choices=(">", ">=")),
         "batch_size": Param(int, 256, "eval batch size"),
         "data_name": Param(str, "", "evaluate on another registered data set (default: the inputs' own)"),
+        "ties": Param(str, "official", "order of ingredients with equal held-out accuracy: 'official' (the "
+                      "official code's ascending sort then reverse: the later input first) or 'input' (the "
+                      "earlier input first)", choices=GREEDY_TIES),
     })
-def greedy_soup(inputs, *, split="heldout", accept=">", batch_size=256, data_name="") -> Output:
-  """Greedy soup: one pass over the ingredients sorted by held-out accuracy (descending)."""
-  n = len(inputs)
+def greedy_soup(inputs, *, split="heldout", accept=">", batch_size=256, data_name="", ties="official") -> Output:
+  """Greedy soup: one pass over the ingredients sorted by held-out accuracy (descending; ties: `greedy_order`)."""
   evaluator = ref = None
   paths, accs = [], []
   i = -1
@@ -307,7 +331,7 @@ def greedy_soup(inputs, *, split="heldout", accept=">", batch_size=256, data_nam
     paths.append(path)
     accs.append(evaluator(ld.params, ld.model_state))
     del ld, tree
-  order = sorted(range(n), key=lambda i: -accs[i])  # stable: ties keep input order
+  order = greedy_order(accs, ties)
   best = inputs[order[0]]
   param = best.parameterization
   dtypes = jax.tree.map(lambda x: x.dtype, _weights_tree(best))
@@ -328,7 +352,8 @@ def greedy_soup(inputs, *, split="heldout", accept=">", batch_size=256, data_nam
       chosen.append(i)
     del cand, cand_w
   out = cast_like(soup, dtypes)
-  report = {"split": split, "accept": accept, "num_ingredients": len(chosen), "chosen": [paths[i] for i in chosen],
+  report = {"split": split, "accept": accept, "ties": ties, "order": order, "num_ingredients": len(chosen),
+            "chosen": [paths[i] for i in chosen],
             "chosen_index": chosen, "ingredient_acc": dict(zip(paths, accs, strict=True)), "soup_acc": best_acc,
             "best_ingredient_acc": max(accs), "history": history}
   return Output(theta=out["theta"], model_state=out["model_state"], report=report)
