@@ -218,12 +218,26 @@ def test_vit_reads_1d_signals():
 # ----------------------------------------------------------------------------- pipeline
 
 
-def test_aggregate_math():
-  rows = [{"model": "mlp", "params": 1, "seed": s, "test_acc": a, "train_acc": 1.0, "wall_s": 1.0, "steps": 2}
-          for s, a in enumerate((0.6, 0.7, 0.8))]
-  (s,) = pipe.aggregate(rows)
-  assert s["test_mean"] == pytest.approx(0.7) and s["test_std"] == pytest.approx(0.1)
-  assert s["paper"] == 0.68 and s["n"] == 3
+def _claims(table, majority=0.1):
+  import ml_collections
+
+  from jaxlab.experiments import Experiment, Report
+  rep = Report(Experiment(ml_collections.ConfigDict({"mnist1d": {"x": 1}}), "/tmp/unused_mnist1d", "mnist1d"), "t")
+  pipe.claims(rep, table, majority)
+  return rep
+
+
+def test_claims_compare_with_the_paper_within_two_binomial_errors():
+  g = lambda m, mean: {"model": m, "mean": mean, "std": 0.01, "n": 3}  # noqa: E731
+  # mlp: 0.70 vs 0.68 is within 2 * sqrt(.68 * .32 / 1000) = 2.95 points; cnn 0.90 vs 0.94 is outside 1.5 points
+  rep = _claims([g("logreg", 0.31), g("mlp", 0.70), g("gru", 0.92), g("cnn1d", 0.90), g("vit", 0.5)])
+  verdicts = {c["claim"].split(" ")[0]: c["verdict"] for c in rep.claims}
+  assert verdicts == {"`logreg`": "holds", "`mlp`": "holds", "`gru`": "holds", "`cnn1d`": "does not hold",
+                      "logistic": "does not hold"}  # gru 92 > cnn 90 breaks the ordering
+  assert "+2.0 points; two binomial standard errors 3.0" in rep.claims[1]["evidence"]
+  # a model at the majority class learned nothing: its claims are not tested
+  rep = _claims([g("logreg", 0.11), g("mlp", 0.70)], majority=0.1)
+  assert [c["verdict"] for c in rep.claims] == ["not tested", "holds", "not tested"]
 
 
 def _config(arg=None):
@@ -273,6 +287,11 @@ def test_smoke_rerun_skips_done_stages(smoke, monkeypatch):
 
 def test_unknown_zoo_model_is_refused(tmp_path):
   c = _config("smoke")
-  c.zoo.models = ("resnet",)
-  with pytest.raises(ValueError, match="'resnet' has no config.zoo.model_configs entry"):
+  c.mnist1d.models = ("resnet",)
+  with pytest.raises(ValueError, match="'resnet' has no config.mnist1d.model_configs entry"):
     pipe.run(c, str(tmp_path))
+  c = _config("smoke")
+  c.mnist1d.run_overrides.vit.optimizer.lrr = 1.0
+  with pytest.raises(ValueError, match="config.mnist1d.run_overrides.vit: stage override 'optimizer.lrr'"):
+    pipe.run(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / "logreg_s0")  # refused before anything trained
