@@ -216,3 +216,28 @@ def test_greedy_order_on_a_tied_table_matches_the_official_sort():
     assert soups.greedy_order(a) == [i for i, _ in ref]
   with pytest.raises(ValueError, match="ties"):
     soups.greedy_order(accs, "random")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SWS split rules
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_sws_even_split_gives_back_the_auxiliary_layout():
+  from jaxlab.transforms.learngene import split_depth
+  assert split_depth(8, (3, 2, 3)) == (3, 2, 3)
+  assert split_depth(8, (3, 2, 3), "array_split") == (3, 3, 2)  # the former 'even'
+  assert split_depth(12, (3, 3, 4, 3, 3)) == (3, 3, 2, 2, 2)  # the official code's one shipped split
+  assert split_depth(16, (3, 3, 4, 3, 3)) == (3, 3, 4, 3, 3)
+  assert split_depth(7, (3, 2, 3)) == (3, 2, 2) and split_depth(6, (3, 2, 3)) == (2, 2, 2)
+  assert split_depth(9, (3, 2, 3)) == (3, 3, 3) and split_depth(10, (3, 2, 3)) == (4, 3, 3)  # grow the smallest
+  rng = np.random.default_rng(0)
+  for _ in range(30):
+    aux = tuple(int(v) for v in rng.integers(1, 5, size=rng.integers(2, 6)))
+    assert split_depth(sum(aux), aux) == aux
+    for depth in range(len(aux), 3 * sum(aux)):
+      split = split_depth(depth, aux)
+      assert sum(split) == depth and min(split) >= 1
+  for k in (1, 2, 3):  # equal auxiliary stages: np.array_split at every depth
+    for depth in range(4, 20):
+      assert split_depth(depth, (k,) * 4) == split_depth(depth, (k,) * 4, "array_split")

@@ -33,7 +33,7 @@ from jaxlab.models import vit
 from jaxlab.parameterizations import learngene as lg
 from jaxlab.transforms import REQUIRED, Output, Param, register
 
-SPLIT_RULES = ("even", "proportional")
+SPLIT_RULES = ("even", "proportional", "array_split")
 
 _COMMON = {
     "head": Param(str, "transfer", "'transfer' copies the auxiliary head, 'reinit' draws a new one (seed)",
@@ -99,9 +99,15 @@ def expand_stage_params(theta: dict, layers_per_stage: tuple[int, ...]) -> dict:
 def split_depth(depth: int, aux_stages: Sequence[int], rule: str = "even") -> tuple[int, ...]:
   """How many layers each stage gets at `depth` (every stage at least one, stage order kept).
 
-  'even' splits `depth` as evenly as possible, the remainder to the earliest
-  stages (np.array_split); it reproduces the only split the official SWS code
-  ships, 12 layers from [3, 3, 4, 3, 3] -> [3, 3, 2, 2, 2].
+  'even' starts from the auxiliary layout and moves one layer at a time: to
+  shrink, one layer leaves the largest stage (ties: the latest), to grow, one
+  joins the smallest stage (ties: the earliest). At the auxiliary depth it is
+  the auxiliary net's own layout (so that descendant computes the auxiliary
+  net); from equal stages it is np.array_split (remainder to the earliest
+  stages); and it gives the only split the official SWS code ships (an
+  explicit `--layers-source`), 12 layers from [3, 3, 4, 3, 3] -> [3, 3, 2, 2, 2].
+  'array_split' is np.array_split of `depth` whatever the auxiliary layout
+  (the 'even' rule before issue 13: 8 layers of (3, 2, 3) gave (3, 3, 2)).
   'proportional' follows the auxiliary stage sizes (largest remainder, ties
   to earlier stages), each stage at least one layer.
 
@@ -116,8 +122,16 @@ def split_depth(depth: int, aux_stages: Sequence[int], rule: str = "even") -> tu
     raise ValueError(f"expand_stages: depth {depth} is below the {num} stages of the learngene; every stage "
                      f"needs at least one layer, so use depth >= {num}")
   depth = int(depth)
-  if rule == "even":
+  if rule == "array_split":
     return tuple(int(len(a)) for a in np.array_split(np.arange(depth), num))
+  if rule == "even":
+    counts = list(aux_stages)
+    while sum(counts) > depth:
+      big = max(counts)
+      counts[max(i for i, c in enumerate(counts) if c == big)] -= 1
+    while sum(counts) < depth:
+      counts[counts.index(min(counts))] += 1
+    return tuple(int(c) for c in counts)
   counts = np.ones(num, dtype=np.int64)
   rest = depth - num
   share = np.asarray(aux_stages, np.float64) / sum(aux_stages) * rest
