@@ -241,3 +241,69 @@ def test_sws_even_split_gives_back_the_auxiliary_layout():
   for k in (1, 2, 3):  # equal auxiliary stages: np.array_split at every depth
     for depth in range(4, 20):
       assert split_depth(depth, (k,) * 4) == split_depth(depth, (k,) * 4, "array_split")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss-term gradient diagnostics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_gradient_ratios_on_quadratics():
+  from jaxlab.losses import diagnostics
+  theta = {"a": jnp.array([3.0, 4.0]), "b": jnp.zeros(3)}
+
+  def values(th):
+    sq = 0.5 * sum(jnp.sum(x ** 2) for x in jax.tree.leaves(th))
+    return {"task": sq, "side": 6.0 * th["b"][0], "along": 6.0 * th["a"][0]}
+
+  out = diagnostics.gradient_ratios(values, theta, {"task": 1.0, "side": 0.5, "along": 0.5}, task="task")
+  # task gradient = theta (norm 5); side: 3 at b[0]; along: 3 at a[0].
+  assert out["task"]["ratio"] == pytest.approx(1.0) and out["task"]["cosine"] == pytest.approx(1.0)
+  assert out["side"]["grad_norm"] == pytest.approx(3.0) and out["side"]["ratio"] == pytest.approx(0.6)
+  assert out["side"]["cosine"] == pytest.approx(0.0) and out["side"]["touched"] == pytest.approx(1 / 5)
+  assert out["along"]["cosine"] == pytest.approx(3.0 / 5.0) and out["task"]["value"] == pytest.approx(12.5)
+  with pytest.raises(ValueError, match="task term"):
+    diagnostics.gradient_ratios(values, theta, {"side": 1.0}, task="task")
+
+
+def test_distillation_to_one_hot_teacher_pulls_like_cross_entropy_times_its_weight():
+  import ml_collections
+
+  from jaxlab import objectives
+  from jaxlab.losses import diagnostics
+  x = jax.random.normal(jax.random.key(0), (8, 5))
+  label = jnp.arange(8) % 3
+  # A teacher certain of the label: KL(onehot || softmax(s)) has the gradient of cross entropy, so the
+  # distillation term's gradient is exactly `weight` times the task's, in the same direction.
+  teacher_logits = 100.0 * jax.nn.one_hot(label, 3)
+
+  def context_fn(w):
+    return objectives.Context(logits=x @ w, batch={"label": label}, teacher_logits=teacher_logits)
+
+  cfg = ml_collections.ConfigDict({"weights": {"cross_entropy": 1.0, "soft_distill": 0.25}, "temperature": 1.0})
+  w = 0.3 * jax.random.normal(jax.random.key(1), (5, 3))
+  out = diagnostics.objective_gradient_ratios(context_fn, w, cfg)
+  assert out["soft_distill"]["ratio"] == pytest.approx(0.25, rel=1e-4)
+  assert out["soft_distill"]["cosine"] == pytest.approx(1.0, abs=1e-5)
+  assert out["cross_entropy"]["touched"] == 1.0
+
+
+def test_make_context_fn_matches_the_train_step_loss():
+  import ml_collections
+
+  from jaxlab import parameterizations
+  from jaxlab.losses import diagnostics
+  module = _vit("fan_in", 16, 1)
+  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
+  params = module.init(jax.random.key(1), x)["params"]
+  cfg = ml_collections.ConfigDict({"weights": {"cross_entropy": 1.0}, "label_smoothing": 0.0})
+  param = parameterizations.build({"name": "identity"})
+  batch = {"inputs": x, "label": jnp.array([0, 1, 2, 3])}
+  ctx_fn = diagnostics.make_context_fn(module, param, cfg, {}, batch, jax.random.key(2), train=False)
+  out = diagnostics.objective_gradient_ratios(ctx_fn, params, cfg)
+  logits = module.apply({"params": params}, x)
+  want = float(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean())
+  assert out["cross_entropy"]["value"] == pytest.approx(want, rel=1e-5)
+  g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      module.apply({"params": p}, x), batch["label"]).mean())(params)
+  assert out["cross_entropy"]["grad_norm"] == pytest.approx(float(optax.tree.norm(g)), rel=1e-4)
