@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import ROOT
 
 from jaxlab import build, checkpoint, transforms, trees
 from jaxlab.parameterizations import learngene as lg
@@ -227,11 +228,27 @@ def test_bad_inputs(tleg, sws):
 # ----------------------------------------------------------------------------- pipeline smoke
 
 
+def _config(arg):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("learngene_cfg", os.path.join(ROOT, "ml_collections_configs",
+                                                                              "learngene.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def test_config_argument_picks_methods_and_smoke():
+  assert _config(None).learngene.methods == ("tleg", "sws")
+  assert _config("methods=sws").learngene.methods == ("sws",)
+  smoke = _config("methods=tleg,smoke")
+  assert smoke.learngene.methods == ("tleg",) and smoke.learngene.depths == (2,)
+  with pytest.raises(ValueError, match="unknown config argument 'big'"):
+    _config("big")
+
+
 def test_pipeline_smoke(tmp_path):
   from jaxlab import main
-  from jaxlab.pipelines import learngene
-  config = learngene.default_config(methods=("tleg", "sws"), smoke=True)
-  out = main.run(config, str(tmp_path))
+  out = main.run(_config("smoke"), str(tmp_path))  # learngene.py:smoke, both methods
   with open(os.path.join(tmp_path, "results.json")) as f:
     res = json.load(f)
   rows = res["rows"]

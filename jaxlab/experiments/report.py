@@ -219,9 +219,10 @@ class Report:
       self.lines += [p, ""]
     return self
 
-  def table(self, header: Sequence[str], body: Iterable[Sequence], caption: str = "") -> Report:
-    """Adds a table; its caption states the std convention (`STD_NOTE`)."""
-    self.lines += [f"{caption} ({STD_NOTE}).".lstrip() if caption else f"Values: {STD_NOTE}.", ""]
+  def table(self, header: Sequence[str], body: Iterable[Sequence], caption: str = "", seeds: bool = True) -> Report:
+    """Adds a table; the caption of a table of seed statistics (`seeds`) states their convention (`STD_NOTE`)."""
+    note = f" ({STD_NOTE})" if seeds else ""
+    self.lines += [f"{caption}{note}.".lstrip() if caption else f"Values: {STD_NOTE}.", ""]
     self.lines += markdown_table(header, body) + [""]
     return self
 
