@@ -27,6 +27,14 @@ def get_config(arg: str | None = None):
   c.optimizer.grad_clip = 1.0
   c.log_every = 50
   c.progress = False
+  c.eval_every = 0
+  c.checkpoint_every = 0
+  c.keep_checkpoints = 1
+  # the pretraining stage's objective keys (set per stage from ntfs.* and the data set's info)
+  c.objective.mask_rate = 0.15
+  c.objective.mask_id = -1
+  c.objective.pad_id = -1
+  c.objective.eval_prepare = False
 
   n = c.ntfs = ml_collections.ConfigDict()
   n.tasks = ("listops", "seq_digits")
@@ -36,10 +44,11 @@ def get_config(arg: str | None = None):
   n.finetune_steps = 150
   n.objective = "denoise"         # denoise (bidirectional models) | causal (next element; causal models)
   n.pixel_loss = "l1"             # l1 | ce (256-way cross entropy on grey levels)
-  n.mask_rate = ml_collections.ConfigDict({"listops": 0.10, "seq_digits": 0.5, "pathfinder": 0.5})
-  n.ssm_lr = 1e-3                 # S4D's A, dt, B: own learning rate, no weight decay
-  n.pretrain_lr = 0.0             # 0 = optimizer.lr
-  n.finetune_lr = 0.0             # 0 = optimizer.lr
+  n.mask_rate = ml_collections.ConfigDict({"listops": 0.10, "seq_digits": 0.5, "pathfinder": 0.5})  # NTFS rates
+  n.ssm_lr = 1e-3                 # S4D's A, dt, B: peak lr min(ssm_lr, the stage's lr), no weight decay
+  # scratch trains at optimizer.lr; the SPT arm's two stages at their own rates:
+  n.pretrain_lr = 3e-3            # spt_pretrain
+  n.finetune_lr = 3e-3            # spt_finetune
   n.plot = True
   n.data = ml_collections.ConfigDict({
       "listops": ml_collections.ConfigDict(dict(name="listops", max_length=128, min_length=32, max_depth=10,

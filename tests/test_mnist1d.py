@@ -218,25 +218,25 @@ def test_vit_reads_1d_signals():
 # ----------------------------------------------------------------------------- pipeline
 
 
-def _claims(table, majority=0.1):
+def _claims(table, workdir, majority=0.1):
   import ml_collections
 
   from jaxlab.experiments import Experiment, Report
-  rep = Report(Experiment(ml_collections.ConfigDict({"mnist1d": {"x": 1}}), "/tmp/unused_mnist1d", "mnist1d"), "t")
+  rep = Report(Experiment(ml_collections.ConfigDict({"mnist1d": {"x": 1}}), workdir, "mnist1d"), "t")
   pipe.claims(rep, table, majority)
   return rep
 
 
-def test_claims_compare_with_the_paper_within_two_binomial_errors():
+def test_claims_compare_with_the_paper_within_two_binomial_errors(tmp_path):
   g = lambda m, mean: {"model": m, "mean": mean, "std": 0.01, "n": 3}  # noqa: E731
   # mlp: 0.70 vs 0.68 is within 2 * sqrt(.68 * .32 / 1000) = 2.95 points; cnn 0.90 vs 0.94 is outside 1.5 points
-  rep = _claims([g("logreg", 0.31), g("mlp", 0.70), g("gru", 0.92), g("cnn1d", 0.90), g("vit", 0.5)])
+  rep = _claims([g("logreg", 0.31), g("mlp", 0.70), g("gru", 0.92), g("cnn1d", 0.90), g("vit", 0.5)], str(tmp_path))
   verdicts = {c["claim"].split(" ")[0]: c["verdict"] for c in rep.claims}
   assert verdicts == {"`logreg`": "holds", "`mlp`": "holds", "`gru`": "holds", "`cnn1d`": "does not hold",
                       "logistic": "does not hold"}  # gru 92 > cnn 90 breaks the ordering
   assert "+2.0 points; two binomial standard errors 3.0" in rep.claims[1]["evidence"]
   # a model at the majority class learned nothing: its claims are not tested
-  rep = _claims([g("logreg", 0.11), g("mlp", 0.70)], majority=0.1)
+  rep = _claims([g("logreg", 0.11), g("mlp", 0.70)], str(tmp_path), majority=0.1)
   assert [c["verdict"] for c in rep.claims] == ["not tested", "holds", "not tested"]
 
 

@@ -218,22 +218,32 @@ def test_ntfs_smoke_pipeline(tmp_path):
   spec.loader.exec_module(mod)
   cfg = mod.get_config("smoke")
   cfg.ntfs.models = ("s4d_seq",)
+  cfg.ntfs.finetune_lr = 1e-3
   wd = str(tmp_path / "ntfs")
   result = main.run(cfg, wd)
   assert result["runs"] == 2
-  rows = json.load(open(os.path.join(wd, "results.json")))["rows"]
-  assert {r["pretraining"] for r in rows} == {"none", "denoise"}
-  for r in rows:
+  res = json.load(open(os.path.join(wd, "results.json")))
+  assert {r["pretraining"] for r in res["rows"]} == {"none", "denoise"}
+  for r in res["rows"]:
     assert {"name", "task", "model", "init", "pretraining", "seed", "test_acc"} <= set(r)
     assert 0.0 <= r["test_acc"] <= 1.0 and r["steps"] == 6
+  assert len(res["pretraining"]) == 1 and 0.0 <= res["pretraining"][0]["masked_acc"] <= 1.0
   assert os.path.exists(os.path.join(wd, "ntfs.png"))
   md = open(os.path.join(wd, "results.md")).read()
   assert "| listops | s4d_seq |" in md
+  # each stage names its learning rate; the SSM rule follows it (peak min(1e-3, lr) / lr)
+  over = {s["name"].split("/")[2]: s["request"]["overrides"] for s in res["stages"]}
+  assert [over[a]["optimizer.lr"] for a in ("scratch", "spt_pretrain", "spt_finetune")] == [3e-3, 3e-3, 1e-3]
+  assert over["scratch"]["optimizer.lr_rules"][0][1] == pytest.approx(1 / 3)
+  assert over["spt_finetune"]["optimizer.lr_rules"][0][1] == pytest.approx(1.0)
+  assert over["spt_pretrain"]["objective.mask_rate"] == 0.1 and over["spt_pretrain"]["model"]["out_dim"] == 16
   # Matched budget: scratch ran pretrain + finetune steps; the fine-tune started from the pretrained encoder.
   ft_meta = checkpoint.load_meta(os.path.join(wd, "listops/s4d_seq/spt_finetune/seed0"))
   assert ft_meta["provenance"]["transform"] == "drop_pretraining_head"
   # Re-running skips every finished stage.
-  assert main.run(cfg, wd)["runs"] == 2
+  again = main.run(cfg, wd)
+  assert again["runs"] == 2
+  assert all(s["skipped"] for s in json.load(open(os.path.join(wd, "results.json")))["stages"])
 
 
 def test_ntfs_bad_objective(tmp_path):
@@ -245,16 +255,19 @@ def test_ntfs_bad_objective(tmp_path):
     main.run(cfg, str(tmp_path))
 
 
-def test_findings_make_no_claim_for_a_task_at_chance():
+def test_claims_are_not_tested_for_a_task_nothing_learned(tmp_path):
+  from jaxlab.experiments import Experiment, Report
   from jaxlab.pipelines import ntfs
-  at = lambda m: {"mean": m, "std": 0.005, "n": 3}  # noqa: E731
-  summary = {("pf", "s4d_seq", "none"): at(0.50), ("pf", "s4d_seq", "denoise"): at(0.497),
-             ("pf", "transformer_seq", "none"): at(0.493), ("pf", "transformer_seq", "denoise"): at(0.50),
-             ("lo", "s4d_seq", "none"): at(0.20), ("lo", "s4d_seq", "denoise"): at(0.25),
-             ("lo", "transformer_seq", "none"): at(0.30), ("lo", "transformer_seq", "denoise"): at(0.40)}
-  lines = ntfs.findings(summary, "denoise", {"pf": 0.5, "lo": 0.1})
-  pf = [x for x in lines if "**pf**" in x]
-  assert len(pf) == 1 and "at chance (50%)" in pf[0]
-  lo = "\n".join(x for x in lines if "pf" not in x)
-  assert "+10.0 points for the Transformer and +5.0 for S4D" in lo and "the Transformer gains more" in lo
-  assert "-10.0 points from scratch, -15.0 with SPT" in lo and "does not narrow" in lo
+  at = lambda t, m, a, mean: {"task": t, "model": m, "pretraining": a, "mean": mean, "std": 0.005, "n": 3}  # noqa: E731
+  table = [at("pf", "s4d_seq", "none", 0.50), at("pf", "s4d_seq", "denoise", 0.497),
+           at("pf", "transformer_seq", "none", 0.493), at("pf", "transformer_seq", "denoise", 0.50),
+           at("lo", "s4d_seq", "none", 0.20), at("lo", "s4d_seq", "denoise", 0.25),
+           at("lo", "transformer_seq", "none", 0.30), at("lo", "transformer_seq", "denoise", 0.40)]
+  rep = Report(Experiment(ml_collections.ConfigDict({"ntfs": {"x": 1}}), str(tmp_path), "ntfs"), "t")
+  ntfs.claims(rep, table, "denoise", {"pf": 0.5, "lo": 0.15})
+  assert [p["holds"] for p in rep.preconditions] == [False, True]
+  assert rep.preconditions[1]["value"] == pytest.approx(0.25)
+  verdicts = [c["verdict"] for c in rep.claims]
+  assert verdicts == ["not tested"] * 3 + ["holds", "holds", "does not hold"]
+  assert "Transformer +10.0, S4D +5.0 points" in rep.claims[3]["evidence"]
+  assert "-10.0 points from scratch, -15.0 with SPT" in rep.claims[5]["evidence"]

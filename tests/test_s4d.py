@@ -331,24 +331,24 @@ def test_pipeline_smoke_writes_results_and_resumes(tmp_path):
     _load_config("big")
 
 
-def _report(table, majority):
+def _report(table, majority, workdir):
   import ml_collections
 
   from jaxlab.experiments import Experiment, Report
   from jaxlab.pipelines import s4d as s4d_pipeline
   cfg = ml_collections.ConfigDict({"s4d": {"x": 1}})
-  rep = Report(Experiment(cfg, "/tmp/unused_s4d_report", "s4d"), "t")
+  rep = Report(Experiment(cfg, workdir, "s4d"), "t")
   s4d_pipeline.claims(rep, table, majority, ml_collections.ConfigDict({"discs": ("zoh", "bilinear"),
                                                                         "inits": ("lin", "inv", "legs")}))
   return rep
 
 
-def test_claims_need_a_learned_task_and_compare_within_two_std():
+def test_claims_need_a_learned_task_and_compare_within_two_std(tmp_path):
   row = lambda task, init, mean, std=0.0, disc="zoh": dict(task=task, init=init, disc=disc, mean=mean, std=std, n=3)  # noqa: E731
   table = [row("pf", "lin", 0.5), row("pf", "inv", 0.5), row("pf", "legs", 0.51),
            row("lo", "lin", 0.30, 0.01), row("lo", "inv", 0.31, 0.01), row("lo", "legs", 0.25, 0.01),
            row("lo", "lin", 0.305, 0.01, "bilinear")]
-  rep = _report(table, {"pf": 0.5, "lo": 0.15})
+  rep = _report(table, {"pf": 0.5, "lo": 0.15}, str(tmp_path))
   pre = {p["name"].split(":")[0]: p for p in rep.preconditions}
   assert not pre["pf"]["holds"] and pre["pf"]["value"] == pytest.approx(0.01)
   assert pre["lo"]["holds"] and pre["lo"]["value"] == pytest.approx(0.16)
