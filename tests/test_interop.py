@@ -523,7 +523,9 @@ def test_threaded_memory_mapped_conversion_equals_the_sequential_one():
     info = jobs.FAMILIES["timm_vit"].infer({k: tuple(src.shape(k)) for k in src.keys()}, dict(num_heads=2))
     entries = jobs.vit_maps.timm_entries(info["model"], info["num_classes"])
     depth = info["model"]["depth"]
-    threaded = names.import_tree(src, entries, depth, {}, set(), {}, threads=2)
+    abstract = jobs._abstract(info["model"], info["num_classes"], list(info["input_shape"]))
+    shapes = {n: tuple(s.shape) for n, s in abstract.items()}
+    threaded = names.import_tree(src, entries, depth, {}, set(), {}, threads=2, shapes=shapes)
   plain = names.import_tree(readers.DictSource(load_file(path)), entries, depth, {}, set(), {}, threads=1)
   assert threaded.keys() == plain.keys()
   for n, a in threaded.items():
@@ -531,3 +533,75 @@ def test_threaded_memory_mapped_conversion_equals_the_sequential_one():
     assert a.ctypes.data % 64 == 0 and a.flags.c_contiguous, n
   big = threaded["params/blocks/mlp/fc1/kernel"]
   assert jax.device_put(big).unsafe_buffer_pointer() == big.ctypes.data
+
+
+def _floats_with_specials(shape, seed: int) -> np.ndarray:
+  """Random float32 with signalling and quiet NaNs (with payloads), denormals, -0 and infinities mixed in."""
+  rng = np.random.default_rng(seed)
+  bits = rng.standard_normal(shape).astype(np.float32).view(np.uint32)
+  special = [0x7F800001, 0xFFA00123, 0x7FC12345, 0x00000001, 0x807FFFFF, 0x80000000, 0x7F800000, 0xFF800000]
+  flat = bits.reshape(-1)
+  flat[rng.choice(flat.size, 4 * len(special), replace=False)] = np.resize(np.array(special, np.uint32), 32)
+  return bits.view(np.float32)
+
+
+@pytest.mark.parametrize("blas", [True, False])
+def test_transposed_copies_keep_every_bit(blas, monkeypatch):
+  """copy_into of a transposed view (BLAS somatcopy, or numpy's 128 x 128 tiles) gives numpy's transpose bit
+  for bit, signalling NaNs and denormals included; a BLAS transpose that is not exact is not used."""
+  if not blas:
+    monkeypatch.setattr(names, "_SOMATCOPY", [None])
+  for shape in ((300, 260), (2304, 768), (1, 70000)):
+    for src in (np.random.default_rng(0).standard_normal(shape).astype(np.float32), _floats_with_specials(shape, 1)):
+      dst = names.aligned_empty(shape[::-1], np.float32)
+      names.copy_into(dst, src.T)
+      assert np.array_equal(dst.view(np.uint32), src.T.view(np.uint32)), shape
+  # float16 -> float32 and other dtypes take numpy's tiles (casting)
+  half = np.random.default_rng(2).standard_normal((400, 300)).astype(np.float16)
+  assert np.array_equal(names.copy_into(np.empty((300, 400), np.float32), half.T), half.T.astype(np.float32))
+  if blas:
+    somatcopy = names._load_somatcopy()
+    if somatcopy is None:
+      pytest.skip("numpy here bundles no OpenBLAS with cblas_somatcopy64_")
+    # why the NaN check exists: OpenBLAS computes 1.0 * x, which makes a signalling NaN quiet
+    snan = np.array([[0x7F800001, 0x3F800000]], np.uint32).view(np.float32)
+    raw = np.zeros((2, 1), np.float32)
+    somatcopy(raw, snan)
+    assert raw.view(np.uint32)[0, 0] == 0x7FC00001 and raw.view(np.uint32)[1, 0] == 0x3F800000
+    assert names.transpose_into(raw, snan) and raw.view(np.uint32)[0, 0] == 0x7F800001
+    # a transpose that flushes denormals (as on a thread in flush-to-zero mode) fails the probe: numpy instead
+    def flushing(dst, src):
+      dst[...] = np.where(np.abs(src.T) < np.finfo(np.float32).tiny, np.float32(0), src.T)
+
+    monkeypatch.setattr(names, "_SOMATCOPY", [flushing])
+    src = _floats_with_specials((300, 260), 3)
+    dst = np.empty((260, 300), np.float32)
+    assert not names.transpose_into(dst, src)
+    assert np.array_equal(names.copy_into(dst, src.T).view(np.uint32), src.T.view(np.uint32))
+
+
+def test_aligned_empty_gives_aligned_writable_arrays_that_jax_aliases():
+  for shape, dtype in (((3, 5), "float32"), ((7,), "float16"), ((12, 768, 2304), "float32"), ((600, 1000), "bfloat16")):
+    dtype = np.dtype(jax.numpy.dtype(dtype))
+    a = names.aligned_empty(shape, dtype)
+    assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data % (4096 if a.nbytes >= 1 << 20 else 64) == 0
+    a[...] = 1
+    assert float(a.astype(np.float32).sum()) == a.size
+  big = names.aligned_empty((1024, 1024), np.float32)
+  big[...] = np.arange(big.size, dtype=np.float32).reshape(big.shape)
+  on_device = jax.device_put(big)
+  assert on_device.unsafe_buffer_pointer() == big.ctypes.data
+  assert np.array_equal(np.asarray(on_device), big)
+
+
+def test_import_tree_refuses_a_conversion_of_another_shape():
+  """With the model's shapes given, a converted layer of another shape is refused naming the leaf and both
+  shapes (not broadcast into the output)."""
+  src = readers.DictSource({"blocks.0.w": np.ones((3, 5), np.float32), "blocks.1.w": np.ones((3, 5), np.float32)})
+  entry = names.Entry("blocks/w", ("blocks.{i}.w",), names.LINEAR, stacked=True)
+  with pytest.raises(names.NameMapError, match=r"converted tensors do not fit the model: shape of params/blocks/w "
+                     r"\(one layer\): model \[5, 1\], converted \[5, 3\]; check config.num_heads"):
+    names.import_tree(src, [entry], 2, {}, set(), {}, shapes={"params/blocks/w": (2, 5, 1)})
+  out = names.import_tree(src, [entry], 2, {}, set(), {}, shapes={"params/blocks/w": (2, 5, 3)})
+  assert out["params/blocks/w"].shape == (2, 5, 3) and np.all(out["params/blocks/w"] == 1)

@@ -210,9 +210,10 @@ def import_file(
       fresh = trees.flatten(jax.device_get(build.init_variables(module, jax.random.key(seed), input_shape)))
     dtypes = {n: np.dtype(s.dtype) for n, s in abstract.items()}
     source_dtypes = sorted({str(src.dtype(key)) for key in src.keys() if key not in skipped})
-    flat = names.import_tree(src, entries, depth, fresh, take_fresh, dtypes)
+    shapes = {n: tuple(s.shape) for n, s in abstract.items()}
+    flat = names.import_tree(src, entries, depth, fresh, take_fresh, dtypes, shapes=shapes)
   shaped = [
-    trees.shape_difference(n, abstract[n].shape, a, ("model", "converted")) for n, a in flat.items()
+    trees.shape_difference(n, abstract[n], a, ("model", "converted")) for n, a in flat.items()
     if tuple(a.shape) != tuple(abstract[n].shape)
   ]
   if shaped:
