@@ -5,7 +5,9 @@
 
 Arguments after `:`: `smoke` (tiny model, a few steps; under a minute on a CPU).
 Writes results.json, results.md and soups.png into the workdir (see
-jaxlab/pipelines/soups.py and docs/soups.md).
+jaxlab/pipelines/soups.py and docs/soups.md). The top-level keys are what every
+stage trains; `soups.*` names each stage's steps and learning rate (`pretrain_lr`,
+the sweep's `lr_range`, `learned_lr`) and the sweep.
 """
 
 import ml_collections
@@ -27,8 +29,12 @@ def get_config(arg: str | None = None):
   c.model.drop_path = 0.0
   c.data.batch_size = 64
   c.data.aug_shift = 1
+  if "train_split" not in c.data:
+    c.data.train_split = "train"  # the split a stage trains on (the learned soup trains on 'heldout')
   c.optimizer.weight_decay = 0.05
   c.objective.label_smoothing = 0.0
+  c.eval_splits = ("heldout",)   # every stage: periodic eval on held-out, final eval on all three result splits
+  c.final_eval_splits = ("heldout", "test", "test_shift")
   c.log_every = 25
   c.progress = False
 

@@ -302,7 +302,8 @@ def _describe(request: dict, workdir: str, base) -> str:
       key += "~"
     else:
       key += "="
-    s = json.dumps(v, separators=(",", ":")) if isinstance(v, (dict, list)) else repr(v)
+    s = (json.dumps(v, separators=(",", ":")) if isinstance(v, (dict, list))
+         else f"{v:.6g}" if isinstance(v, float) else repr(v))
     return f"`{key}{s.replace(root, '').replace('|', '/')}`"
 
   if request.get("kind") == "transform":
