@@ -65,6 +65,21 @@ def base() -> ml_collections.ConfigDict:
   c.data.repeated_aug = 1      # repeated augmentation: copies of each sampled image per batch (1 = off; DeiT 3)
   c.data.lra_dir = ""          # data.name='lra_listops' | 'lra_pathfinder': LRA release directory (data/lra.py)
   c.data.difficulty = ""       # lra_pathfinder: easy | intermediate | hard ('' = hard, as LRA)
+  c.data.image_key = "image"   # data.name='tfds': the feature holding the inputs
+  c.data.label_key = "label"   # data.name='tfds': the feature holding the label
+  c.data.split_map = ml_collections.ConfigDict()  # data.name='tfds': {our split: tfds split}; empty = the set's own
+  c.data.aug_flip = False      # data.name='tfds', non-image sets: random horizontal flip
+  # Generated sequence tasks (data.name='listops' | 'pathfinder' | 'seq_digits'; jaxlab/data/sequences.py):
+  c.data.seed = 0              # seed of the generated examples (config.seed orders the batches, not this)
+  c.data.min_length = 0        # listops: shortest sequence (0 = max_length // 4)
+  c.data.max_depth = 10        # listops: operator nesting depth
+  c.data.max_args = 10         # listops: arguments per operator
+  c.data.upsample = 1          # seq_digits: each pixel repeated u x u (sequences of 64 u^2 pixels)
+  c.data.path_length = 0       # pathfinder: steps of each path (0 = 1.25 image_size)
+  c.data.num_distractors = 2   # pathfinder: distractor paths
+  c.data.curvature = 0.35      # pathfinder: largest turn per step (radians)
+  c.data.dash = 3              # pathfinder: dash length (pixels)
+  c.data.gap = 1               # pathfinder: gap between dashes (pixels)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"   # adamw | sgd
@@ -72,7 +87,9 @@ def base() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.05
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8       # adamw: epsilon of the second-moment denominator
   c.optimizer.momentum = 0.9   # sgd only
+  c.optimizer.nesterov = False  # sgd only: Nesterov momentum
   c.optimizer.warmup_steps = 0
   c.optimizer.schedule = "cosine"  # cosine | linear | constant
   c.optimizer.min_lr_ratio = 0.0

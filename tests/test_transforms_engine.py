@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import warnings
+from typing import Literal
 
 import jax
 import ml_collections
@@ -175,3 +176,48 @@ def test_cli_transform_and_one_line_error(ckpts, tmp_path):
 def test_registry_module_is_backward_compatible():
   t = registry.Transform("x", lambda inputs: None, "idea", "ref", "1", {})  # old positional construction
   assert t.streaming is False and t.same_tree is False
+
+
+def test_schema_is_read_from_the_signature_and_the_args_docstring():
+  def fn(inputs, *, depth: int, mode: Literal["a", "b"] = "a", names: tuple[str, ...] = ("x",),
+         scale: float = 0.5):
+    """Does something.
+
+    Args:
+      inputs: the checkpoints.
+      depth: target depth
+        (>= 1)
+      mode (str): how
+      names: which leaves
+
+    Returns:
+      nothing.
+    """
+  schema = registry.schema_from_signature("_t", fn, docs={"scale": "a shared line", "depth": "overridden"})
+  assert list(schema) == ["depth", "mode", "names", "scale"]
+  assert schema["depth"] == transforms.Param(int, transforms.REQUIRED, "target depth (>= 1)")
+  assert schema["mode"] == transforms.Param(str, "a", "how", ("a", "b"))
+  assert schema["names"] == transforms.Param(tuple, ("x",), "which leaves")
+  assert schema["scale"] == transforms.Param(float, 0.5, "a shared line")
+
+  def undocumented(inputs, *, k: int = 1):
+    """No Args section."""
+  with pytest.raises(ValueError, match="parameter 'k' has no line in the docstring's Args: section"):
+    registry.schema_from_signature("_t", undocumented)
+
+  def untyped(inputs, *, k=1):
+    """Args:
+      k: a k
+    """
+  with pytest.raises(ValueError, match="parameter 'k' needs a type annotation"):
+    registry.schema_from_signature("_t", untyped)
+
+
+def test_every_registered_default_is_its_signature_default():
+  import inspect
+  for t in table.public_transforms():  # the built-ins (the test transform above passes an explicit schema)
+    sig = inspect.signature(t.fn).parameters
+    for key, p in t.params.items():
+      want = transforms.REQUIRED if sig[key].default is inspect.Parameter.empty else sig[key].default
+      assert p.default == want or (p.required and want is transforms.REQUIRED), (t.name, key)
+    assert set(t.params) == {k for k, v in sig.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}, t.name

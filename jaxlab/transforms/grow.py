@@ -29,6 +29,7 @@ checkpoint; the grown model config has `stem_width * 2` and
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -130,15 +131,16 @@ def _grow_mixture_core(theta0, theta1, state0, state1, c2_init, key, noise, *, r
 @registry.register(
     "grow_mixture",
     idea="MixtureGrowth: double a template WRN's width; new blocks are new mixtures of the members' learned templates",
-    reference=REFERENCE, inputs="2", same_tree=False,  # _check_members gives the specific errors
-    params={
-        "coefficients": registry.Param(str, "orthogonal", "rule for the new coefficient vectors c_2, c_3",
-                                       choices=("orthogonal", "copy", "zero", "random")),
-        "noise": registry.Param(float, 1.0, "scale of the new coefficients / copy noise (coefs_noise_growing)"),
-        "seed": registry.Param(int, 0, "seed of the copy/random noise"),
-    })
-def grow_mixture(inputs, *, coefficients: str = "orthogonal", noise: float = 1.0, seed: int = 0):
+    reference=REFERENCE, inputs="2", same_tree=False)  # _check_members gives the specific errors
+def grow_mixture(inputs, *, coefficients: Literal["orthogonal", "copy", "zero", "random"] = "orthogonal",
+                 noise: float = 1.0, seed: int = 0):
   """Grows member 0 and member 1 (template checkpoints) into the full-width template network.
+
+  Args:
+    inputs: member 0 and member 1 of a template-mixing pair.
+    coefficients: rule for the new coefficient vectors c_2, c_3
+    noise: scale of the new coefficients / copy noise (coefs_noise_growing)
+    seed: seed of the copy/random noise
 
   Raises:
     ValueError: when an input is not a template member, is already grown, or the members disagree.
@@ -204,10 +206,13 @@ def _check_dense_inputs(name: str, inputs):
 
 @registry.register(
     "grow_random", idea="growth baseline: members' kernels on the diagonal, new off-diagonal blocks random (Kaiming)",
-    reference=REFERENCE, inputs="2", same_tree=False,
-    params={"seed": registry.Param(int, 0, "seed of the random blocks")})
+    reference=REFERENCE, inputs="2", same_tree=False)
 def grow_random(inputs, *, seed: int = 0):
   """Dense doubled-width WRN from two half-width networks with random off-diagonal blocks.
+
+  Args:
+    inputs: two half-width WRN checkpoints.
+    seed: seed of the random blocks
 
   Raises:
     ValueError: for a non-WRN or already grown input, or members of different shapes.
@@ -243,11 +248,14 @@ def _net2net_core(p, state, key, noise):
 
 @registry.register(
     "grow_net2net", idea="Net2WiderNet-style baseline: duplicate every channel, halve the duplicated inputs",
-    reference="arXiv:1511.05641 (Net2Net)", inputs="1",
-    params={"noise": registry.Param(float, 0.0, "Gaussian noise added to the kernels, relative to each kernel's std"),
-            "seed": registry.Param(int, 0, "seed of the noise")})
+    reference="arXiv:1511.05641 (Net2Net)", inputs="1")
 def grow_net2net(inputs, *, noise: float = 0.0, seed: int = 0):
   """Dense doubled-width WRN by channel duplication (function preserving at noise 0).
+
+  Args:
+    inputs: one half-width WRN checkpoint.
+    noise: Gaussian noise added to the kernels, relative to each kernel's std
+    seed: seed of the noise
 
   Raises:
     ValueError: for a non-WRN or already grown input.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -31,17 +32,18 @@ import numpy as np
 from jaxlab import build, trees
 from jaxlab.models import vit
 from jaxlab.parameterizations import learngene as lg
-from jaxlab.transforms import REQUIRED, Output, Param, register
+from jaxlab.transforms import Output, register
 
-SPLIT_RULES = ("even", "proportional", "array_split")
+SplitRule = Literal["even", "proportional", "array_split"]
+SPLIT_RULES = get_args(SplitRule)
 
-_COMMON = {
-    "head": Param(str, "transfer", "'transfer' copies the auxiliary head, 'reinit' draws a new one (seed)",
-                  ("transfer", "reinit")),
-    "final_norm": Param(str, "pooled", "descendant final LayerNorm: 'pooled' (timm fc_norm, official "
-                        "descendants) or 'tokens' (as the auxiliary net)", ("pooled", "tokens")),
-    "ln_eps": Param(float, 1e-6, "LayerNorm eps of the descendant (official 1e-6); 0 keeps the source's"),
-    "seed": Param(int, 0, "random seed of a re-initialised head"),
+# Doc lines of the descendant parameters both expansions take (their defaults are in the signatures).
+_COMMON_DOCS = {
+    "head": "'transfer' copies the auxiliary head, 'reinit' draws a new one (seed)",
+    "final_norm": "descendant final LayerNorm: 'pooled' (timm fc_norm, official descendants) or 'tokens' (as the "
+                  "auxiliary net)",
+    "ln_eps": "LayerNorm eps of the descendant (official 1e-6); 0 keeps the source's",
+    "seed": "random seed of a re-initialised head",
 }
 
 
@@ -163,19 +165,17 @@ def _descendant(loaded, params: dict, depth: int, head: str, final_norm: str, ln
 
 @register("expand_learngene", idea="TLEG: layer l of a depth-L ViT is A + (l/L) B of a linear learngene",
           reference="arXiv:2312.05614 (TLEG, AAAI 2024); github.com/AlphaXia/TLEG utils.gene_tranfer",
-          inputs="1",
-          params={"depth": Param(int, REQUIRED, "target number of layers (>= 1)"),
-                  "coefficient": Param(str, "", "'l/L' (official) or 'l/(L-1)'; '' uses the learngene's own"),
-                  **_COMMON})
-def expand_learngene(inputs, *, depth: int, coefficient: str = "", head: str = "transfer",
-                     final_norm: str = "pooled", ln_eps: float = 1e-6, seed: int = 0) -> Output:
+          inputs="1", docs=_COMMON_DOCS)
+def expand_learngene(inputs, *, depth: int, coefficient: str = "", head: Literal["transfer", "reinit"] = "transfer",
+                     final_norm: Literal["pooled", "tokens"] = "pooled", ln_eps: float = 1e-6,
+                     seed: int = 0) -> Output:
   """Expands a `linear_learngene` checkpoint into an ordinary ViT of `depth` layers.
 
   Args:
     inputs: one loaded `linear_learngene` checkpoint.
-    depth: target depth L (>= 1).
-    coefficient: coefficient rule; '' uses the one the learngene was trained with.
-    head, final_norm, ln_eps, seed: see the module docstring.
+    depth: target number of layers (>= 1)
+    coefficient: 'l/L' (official) or 'l/(L-1)'; '' uses the learngene's own
+    head, final_norm, ln_eps, seed: see the module docstring (`_COMMON_DOCS`).
 
   Returns:
     An `Output` with plain ViT params, `identity` parameterization and the descendant model config.
@@ -201,23 +201,18 @@ def expand_learngene(inputs, *, depth: int, coefficient: str = "", head: str = "
 
 @register("expand_stages", idea="SWS: each stage's shared block initialises that stage's layers of any depth",
           reference="arXiv:2404.16897 (SWS, IJCAI 2024); github.com/AlphaXia/SWS utils.gene_tranfer_1",
-          inputs="1",
-          params={"depth": Param(int, 0, "target number of layers (>= number of stages); 0 = sum of "
-                                 "layers_per_stage"),
-                  "layers_per_stage": Param(tuple, (), "explicit copies per stage (overrides rule)"),
-                  "rule": Param(str, "even", "split rule when layers_per_stage is empty", SPLIT_RULES),
-                  **_COMMON})
-def expand_stages(inputs, *, depth: int = 0, layers_per_stage: tuple = (), rule: str = "even",
-                  head: str = "transfer", final_norm: str = "pooled", ln_eps: float = 1e-6,
-                  seed: int = 0) -> Output:
+          inputs="1", docs=_COMMON_DOCS)
+def expand_stages(inputs, *, depth: int = 0, layers_per_stage: tuple = (), rule: SplitRule = "even",
+                  head: Literal["transfer", "reinit"] = "transfer",
+                  final_norm: Literal["pooled", "tokens"] = "pooled", ln_eps: float = 1e-6, seed: int = 0) -> Output:
   """Expands a `stage_sharing` checkpoint into an ordinary ViT, stage order kept, layers contiguous.
 
   Args:
     inputs: one loaded `stage_sharing` checkpoint.
-    depth: target depth; with `layers_per_stage` empty it is split by `rule` (`split_depth`).
-    layers_per_stage: explicit split, one count >= 1 per stage.
-    rule: 'even' (default) or 'proportional'.
-    head, final_norm, ln_eps, seed: see the module docstring.
+    depth: target number of layers (>= number of stages); 0 = sum of layers_per_stage
+    layers_per_stage: explicit copies per stage (overrides rule)
+    rule: split rule when layers_per_stage is empty
+    head, final_norm, ln_eps, seed: see the module docstring (`_COMMON_DOCS`).
 
   Returns:
     An `Output` with plain ViT params, `identity` parameterization and the descendant model config.

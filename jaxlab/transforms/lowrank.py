@@ -118,21 +118,16 @@ def compress_params(dense: dict, target: dict) -> tuple[dict, dict[str, float], 
     idea="factorize every block Dense (qkv, proj, fc1, fc2) by truncated SVD, rank "
          "floor(d_in d_out / (ratio (d_in + d_out))), sqrt(S) split between the two factors",
     reference="PELA, Guo et al., CVPR 2024, arXiv:2310.10700; github.com/guoyang9/PELA (DeiT/low_rank.py)",
-    inputs="1",
-    params={
-        "ratio": transforms.Param(float, 2.0, "per-layer compression ratio of the factorized weights (> 0)"),
-        "keep_dense": transforms.Param(tuple, lowrank_vit.DEFAULT_KEEP_DENSE,
-                                       "regexes of layer paths kept dense (e.g. blocks/attn/proj)"),
-        "rank": transforms.Param(int, 0, "explicit rank for every factorized layer (0 = ratio rule)"),
-    })
-def lowrank_svd(inputs: list, *, ratio: float, keep_dense: tuple, rank: int) -> transforms.Output:
+    inputs="1")
+def lowrank_svd(inputs: list, *, ratio: float = 2.0, keep_dense: tuple = lowrank_vit.DEFAULT_KEEP_DENSE,
+                rank: int = 0) -> transforms.Output:
   """Compresses one dense `vit` checkpoint into a `lowrank_vit` one.
 
   Args:
     inputs: one loaded dense ViT checkpoint.
-    ratio: compression ratio of each factorized weight.
-    keep_dense: regexes of layer paths that stay dense.
-    rank: explicit rank (0 = the ratio rule).
+    ratio: per-layer compression ratio of the factorized weights (> 0)
+    keep_dense: regexes of layer paths kept dense (e.g. blocks/attn/proj)
+    rank: explicit rank for every factorized layer (0 = ratio rule)
 
   Returns:
     The low-rank params (identity parameterization), the model state, the new

@@ -43,13 +43,14 @@ import os
 import re
 import zlib
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlab import checkpoint, trees
-from jaxlab.transforms.registry import Output, Param, register
+from jaxlab.transforms.registry import Output, register
 
 TASK_ARITHMETIC_REF = "Ilharco et al., Editing models with task arithmetic, ICLR 2023, arXiv:2212.04089"
 TIES_REF = "Yadav et al., TIES-Merging: resolving interference when merging models, NeurIPS 2023, arXiv:2306.01708"
@@ -692,17 +693,14 @@ _COEF_DOC = (
   "; a number, per-layer anchors '[a, ..., z]' across depth, or '[(regex, value), ...]' rules over "
   "theta paths (first match wins)"
 )
-_BASE = Param(str, "", "base (pre-trained) checkpoint; '' = the init_from every input records")
-_WEIGHTS = Param(str, "", "per-input weights '(w_1, ..., w_N)', each a coefficient; '' = all 1")
-_LAYERS = Param(tuple, DEFAULT_LAYER_LEAVES, "regexes of leaves stacked on the depth axis (one tensor per layer)")
-
-
-def _lambda_param(default: str) -> Param:
-  return Param(str, default, "lambda: scale of the merged task vector" + _COEF_DOC)
-
-
-def _density_param(default: str) -> Param:
-  return Param(str, default, "fraction of each task vector's entries kept, in (0, 1]" + _COEF_DOC)
+# Doc lines of the parameters several merge methods take (each default is in its method's signature).
+_DOCS = {
+  "base": "base (pre-trained) checkpoint; '' = the init_from every input records",
+  "weights": "per-input weights '(w_1, ..., w_N)', each a coefficient; '' = all 1",
+  "layer_leaves": "regexes of leaves stacked on the depth axis (one tensor per layer)",
+  "scale": "lambda: scale of the merged task vector" + _COEF_DOC,
+  "density": "fraction of each task vector's entries kept, in (0, 1]" + _COEF_DOC,
+}
 
 
 @register(
@@ -713,9 +711,10 @@ def _density_param(default: str) -> Param:
   inputs="N",
   streaming=True,
   averages=True,
-  params={"base": _BASE, "scale": _lambda_param("1.0"), "weights": _WEIGHTS, "layer_leaves": _LAYERS},
+  docs=_DOCS,
 )
-def task_arithmetic(inputs, *, base="", weights="", layer_leaves=DEFAULT_LAYER_LEAVES, scale="1.0") -> Output:
+def task_arithmetic(inputs, *, base: str = "", scale: str = "1.0", weights: str = "",
+                    layer_leaves: tuple = DEFAULT_LAYER_LEAVES) -> Output:
   """theta = base + lambda * sum_i w_i tau_i (no normalisation, as mergekit). One pass over the inputs."""
   return generalized_task_arithmetic(inputs, base=base, weights=weights, lam=scale, layer_leaves=layer_leaves)
 
@@ -728,15 +727,10 @@ def task_arithmetic(inputs, *, base="", weights="", layer_leaves=DEFAULT_LAYER_L
   inputs="N",
   streaming=True,
   averages=True,
-  params={
-    "base": _BASE,
-    "density": _density_param("0.2"),
-    "scale": _lambda_param("1.0"),
-    "weights": _WEIGHTS,
-    "layer_leaves": _LAYERS,
-  },
+  docs=_DOCS,
 )
-def ties_merge(inputs, *, base="", density="0.2", weights="", layer_leaves=DEFAULT_LAYER_LEAVES, scale="1.0") -> Output:
+def ties_merge(inputs, *, base: str = "", density: str = "0.2", scale: str = "1.0", weights: str = "",
+               layer_leaves: tuple = DEFAULT_LAYER_LEAVES) -> Output:
   """TIES-Merging. Two passes over the inputs: (1) trimmed task vectors summed to elect signs, (2) disjoint mean.
 
   Trim as the reference `topk_values_mask`: keep |tau| >= the k-th smallest
@@ -766,30 +760,26 @@ def ties_merge(inputs, *, base="", density="0.2", weights="", layer_leaves=DEFAU
   inputs="N",
   streaming=True,
   averages=True,
-  params={
-    "base": _BASE,
-    "density": _density_param("0.5"),
-    "scale": _lambda_param("1.0"),
-    "weights": _WEIGHTS,
-    "combine": Param(
-      str, "linear", "'linear' (sum) or 'ties' (sign election, disjoint mean)", choices=("linear", "ties")
-    ),
-    "seed": Param(int, 0, "seed of the drop masks (per input and leaf: fold_in(index), fold_in(crc32(path)))"),
-    "layer_leaves": _LAYERS,
-  },
+  docs=_DOCS,
 )
 def dare(
   inputs,
   *,
-  base="",
-  density="0.5",
-  weights="",
-  combine="linear",
-  seed=0,
-  layer_leaves=DEFAULT_LAYER_LEAVES,
-  scale="1.0",
+  base: str = "",
+  density: str = "0.5",
+  scale: str = "1.0",
+  weights: str = "",
+  combine: Literal["linear", "ties"] = "linear",
+  seed: int = 0,
+  layer_leaves: tuple = DEFAULT_LAYER_LEAVES,
 ) -> Output:
-  """DARE (drop and rescale). 'linear': one pass; 'ties': two passes (the masks are regenerated from the keys)."""
+  """DARE (drop and rescale). 'linear': one pass; 'ties': two passes (the masks are regenerated from the keys).
+
+  Args:
+    inputs: the fine-tuned checkpoints.
+    combine: 'linear' (sum) or 'ties' (sign election, disjoint mean)
+    seed: seed of the drop masks (per input and leaf: fold_in(index), fold_in(crc32(path)))
+  """
   ties = combine == "ties"
   return generalized_task_arithmetic(
     inputs,
@@ -813,17 +803,11 @@ def dare(
   inputs="N",
   streaming=True,
   averages=True,
-  params={
-    "base": _BASE,
-    "density": _density_param("0.9"),
-    "gamma": Param(str, "0.01", "fraction of largest magnitudes dropped per tensor" + _COEF_DOC),
-    "scale": _lambda_param("1.0"),
-    "weights": _WEIGHTS,
-    "layer_leaves": _LAYERS,
-  },
+  docs={**_DOCS, "gamma": "fraction of largest magnitudes dropped per tensor" + _COEF_DOC},
 )
 def breadcrumbs(
-  inputs, *, base="", density="0.9", gamma="0.01", weights="", layer_leaves=DEFAULT_LAYER_LEAVES, scale="1.0"
+  inputs, *, base: str = "", density: str = "0.9", gamma: str = "0.01", scale: str = "1.0", weights: str = "",
+  layer_leaves: tuple = DEFAULT_LAYER_LEAVES,
 ) -> Output:
   """Breadcrumbs as mergekit's `magnitude_outliers`: n_top = int(gamma D), n_bot = D - int(density D) - n_top
   (if negative, fewer top entries are dropped); entries ranked by a stable sort of |tau|. One pass."""
@@ -847,9 +831,9 @@ def breadcrumbs(
   inputs="2",
   streaming=True,
   averages=True,
-  params={"t": Param(str, "0.5", "0 gives the first input, 1 the second" + _COEF_DOC), "layer_leaves": _LAYERS},
+  docs={**_DOCS, "t": "0 gives the first input, 1 the second" + _COEF_DOC},
 )
-def slerp(inputs, *, t="0.5", layer_leaves=DEFAULT_LAYER_LEAVES) -> Output:
+def slerp(inputs, *, t: str = "0.5", layer_leaves: tuple = DEFAULT_LAYER_LEAVES) -> Output:
   """Per tensor: slerp of the raw weights along the great circle of their directions, lerp if |cos| > 0.9995.
 
   One pass (both inputs are held: 2 models). model_state is the mean of the two.
@@ -871,9 +855,9 @@ def slerp(inputs, *, t="0.5", layer_leaves=DEFAULT_LAYER_LEAVES) -> Output:
   inputs="N",
   streaming=True,
   averages=True,
-  params={"base": _BASE, "layer_leaves": _LAYERS},
+  docs=_DOCS,
 )
-def model_stock(inputs, *, base="", layer_leaves=DEFAULT_LAYER_LEAVES) -> Output:
+def model_stock(inputs, *, base: str = "", layer_leaves: tuple = DEFAULT_LAYER_LEAVES) -> Output:
   """Model Stock (Jang et al. 2024, eq. for N fine-tunes as mergekit): one pass.
 
   The mean pairwise cosine of the task vectors comes from running sums of unit

@@ -14,11 +14,13 @@ in `init_from.dont_load` so its own seed initialises the head.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import numpy as np
 
 from jaxlab import build, trees
-from jaxlab.transforms.registry import Output, Param, register
+from jaxlab.transforms.registry import Output, register
 
 HEAD = r"decoder/.*"
 
@@ -41,17 +43,14 @@ def classify_model_config(model_cfg: dict, pool: str = "") -> dict:
 @register("drop_pretraining_head",
           idea="drop the per-position decoder of a self-pretrained model and the encoder's mask-channel row",
           reference="Amos, Berant, Gupta: Never Train from Scratch, ICLR 2024 (arXiv:2310.02980)",
-          inputs="1",
-          params={"seed": Param(int, 0, "seed of the fresh classification head"),
-                  "pool": Param(str, "", "pooling of the classify model ('' keeps the checkpoint's)",
-                                choices=("", "mean", "last"))})
-def drop_pretraining_head(inputs: list, *, seed: int, pool: str) -> Output:
+          inputs="1")
+def drop_pretraining_head(inputs: list, *, seed: int = 0, pool: Literal["", "mean", "last"] = "") -> Output:
   """Turns a pretraining checkpoint into the classify model's weights (see the module docstring).
 
   Args:
     inputs: one `checkpoint.Loaded` of a model with `output='per_position'`.
-    seed: seed of the new decoder's initialisation.
-    pool: pooling of the classify model ('' keeps the pretraining model's).
+    seed: seed of the fresh classification head
+    pool: pooling of the classify model ('' keeps the checkpoint's)
 
   Returns:
     `Output` with identity-parameterized theta, model state and the classify model config.

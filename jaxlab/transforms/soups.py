@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlab import checkpoint, data, objectives, sharding, trees
-from jaxlab.transforms.registry import Output, Param, register
+from jaxlab.transforms.registry import Output, register
 
 SOUPS_REF = "Wortsman et al., Model soups, ICML 2022, arXiv:2203.05482"
 WISE_FT_REF = "Wortsman et al., Robust fine-tuning of zero-shot models (WiSE-FT), CVPR 2022, arXiv:2109.01903"
@@ -222,16 +223,19 @@ def _dataset_of(meta: dict, data_name: str = ""):
 @register(
     "uniform_soup", idea="Average the weights of N fine-tunes of one pre-trained model (streaming, ~2 models "
     "of memory); BatchNorm statistics averaged or recomputed", reference=SOUPS_REF, inputs="N", streaming=True,
-    averages=True,
-    params={
-        "weights": Param(tuple, (), "optional per-input weights, normalised to sum 1 (empty = uniform 1/N)"),
-        "more_inputs": Param(tuple, (), "extra ingredient checkpoint paths (e.g. with init_from, which has one)"),
-        "recompute_batch_stats": Param(int, 0, "if > 0, recompute BatchNorm statistics on this many training "
-                                       "batches (cumulative average) instead of averaging them"),
-        "batch_size": Param(int, 64, "batch size for recomputing BatchNorm statistics"),
-    })
-def uniform_soup(inputs, *, weights=(), more_inputs=(), recompute_batch_stats=0, batch_size=64) -> Output:
-  """theta_soup = sum_i w_i theta_i (w_i = 1/N by default), streaming over the inputs."""
+    averages=True)
+def uniform_soup(inputs, *, weights: tuple = (), more_inputs: tuple = (), recompute_batch_stats: int = 0,
+                 batch_size: int = 64) -> Output:
+  """theta_soup = sum_i w_i theta_i (w_i = 1/N by default), streaming over the inputs.
+
+  Args:
+    inputs: the ingredient checkpoints.
+    weights: optional per-input weights, normalised to sum 1 (empty = uniform 1/N)
+    more_inputs: extra ingredient checkpoint paths (e.g. with init_from, which has one)
+    recompute_batch_stats: if > 0, recompute BatchNorm statistics on this many training batches (cumulative
+      average) instead of averaging them
+    batch_size: batch size for recomputing BatchNorm statistics
+  """
   if recompute_batch_stats < 0:
     raise ValueError(f"uniform_soup: recompute_batch_stats must be >= 0, got {recompute_batch_stats}")
   mean, first, n = stream_mean(inputs, weights, tuple(more_inputs))
@@ -279,7 +283,8 @@ def recompute_batch_stats_fn(module, params, model_state: dict, dataset, num_bat
   return {**others, "batch_stats": jax.tree.map(lambda t, r: (t / num_batches).astype(r.dtype), total, stats)}
 
 
-GREEDY_TIES = ("official", "input")
+GreedyTies = Literal["official", "input"]
+GREEDY_TIES = get_args(GreedyTies)
 
 
 def greedy_order(accs, ties: str = "official") -> list[int]:
@@ -304,19 +309,20 @@ def greedy_order(accs, ties: str = "official") -> list[int]:
 @register(
     "greedy_soup", idea="Add ingredients in order of held-out accuracy, keeping one only if the soup's held-out "
     "accuracy improves (never worse than the best ingredient on that split)", reference=SOUPS_REF + " (Recipe 1)",
-    inputs="N", streaming=True, averages=True,
-    params={
-        "split": Param(str, "heldout", "split of the inputs' data set used to rank and accept ingredients"),
-        "accept": Param(str, ">", "'>' strict improvement (official code) or '>=' (paper's Recipe 1)",
-                        choices=(">", ">=")),
-        "batch_size": Param(int, 256, "eval batch size"),
-        "data_name": Param(str, "", "evaluate on another registered data set (default: the inputs' own)"),
-        "ties": Param(str, "official", "order of ingredients with equal held-out accuracy: 'official' (the "
-                      "official code's ascending sort then reverse: the later input first) or 'input' (the "
-                      "earlier input first)", choices=GREEDY_TIES),
-    })
-def greedy_soup(inputs, *, split="heldout", accept=">", batch_size=256, data_name="", ties="official") -> Output:
-  """Greedy soup: one pass over the ingredients sorted by held-out accuracy (descending; ties: `greedy_order`)."""
+    inputs="N", streaming=True, averages=True)
+def greedy_soup(inputs, *, split: str = "heldout", accept: Literal[">", ">="] = ">", batch_size: int = 256,
+                data_name: str = "", ties: GreedyTies = "official") -> Output:
+  """Greedy soup: one pass over the ingredients sorted by held-out accuracy (descending; ties: `greedy_order`).
+
+  Args:
+    inputs: the ingredient checkpoints.
+    split: split of the inputs' data set used to rank and accept ingredients
+    accept: '>' strict improvement (official code) or '>=' (paper's Recipe 1)
+    batch_size: eval batch size
+    data_name: evaluate on another registered data set (default: the inputs' own)
+    ties: order of ingredients with equal held-out accuracy: 'official' (the official code's ascending sort then
+      reverse: the later input first) or 'input' (the earlier input first)
+  """
   evaluator = ref = None
   paths, accs = [], []
   i = -1
@@ -361,10 +367,14 @@ def greedy_soup(inputs, *, split="heldout", accept=">", batch_size=256, data_nam
 
 @register(
     "interpolate", idea="Weight-space interpolation (1 - alpha) theta_0 + alpha theta_1 of two fine-tunes (or "
-    "pre-trained and fine-tuned, WiSE-FT)", reference=WISE_FT_REF, inputs="2", streaming=True, averages=True,
-    params={"alpha": Param(float, 0.5, "mixing coefficient: 0 gives the first input, 1 the second")})
-def interpolate(inputs, *, alpha=0.5) -> Output:
-  """theta = (1 - alpha) theta_0 + alpha theta_1 (alpha outside [0, 1] extrapolates)."""
+    "pre-trained and fine-tuned, WiSE-FT)", reference=WISE_FT_REF, inputs="2", streaming=True, averages=True)
+def interpolate(inputs, *, alpha: float = 0.5) -> Output:
+  """theta = (1 - alpha) theta_0 + alpha theta_1 (alpha outside [0, 1] extrapolates).
+
+  Args:
+    inputs: two checkpoints of one architecture.
+    alpha: mixing coefficient: 0 gives the first input, 1 the second
+  """
   out, _, _ = stream_weighted_sum(inputs, (1.0 - alpha, alpha))
   return Output(theta=out["theta"], model_state=out["model_state"], report={"alpha": alpha})
 
