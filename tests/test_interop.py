@@ -605,3 +605,15 @@ def test_import_tree_refuses_a_conversion_of_another_shape():
     names.import_tree(src, [entry], 2, {}, set(), {}, shapes={"params/blocks/w": (2, 5, 1)})
   out = names.import_tree(src, [entry], 2, {}, set(), {}, shapes={"params/blocks/w": (2, 5, 3)})
   assert out["params/blocks/w"].shape == (2, 5, 3) and np.all(out["params/blocks/w"] == 1)
+
+
+def test_permutation_conversions_give_the_traced_foreign_shapes():
+  """`Conversion.axes` (shapes without tracing) agrees with `jax.eval_shape` of `to_theirs` and inverts
+  `to_ours`."""
+  for conv, shape in ((names.SAME, (7, 5)), (names.LINEAR, (7, 5)), (names.CONV, (2, 3, 4, 5))):
+    traced = [tuple(s.shape) for s in jax.eval_shape(conv.to_theirs, jax.ShapeDtypeStruct(shape, np.float32))]
+    assert conv.theirs_shapes(shape, np.float32) == traced
+    x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    assert np.array_equal(conv.to_ours(conv.to_theirs(x)), x)
+  assert names.LINEAR.theirs_shapes((7, 5), np.float32) == [(5, 7)]
+  assert names.CONV.theirs_shapes((2, 3, 4, 5), np.float32) == [(5, 4, 2, 3)]

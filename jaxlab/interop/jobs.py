@@ -178,6 +178,7 @@ def import_file(
     fam_name = detect_family(src.keys(), path, family)
     if fam_name == "jaxlab":
       return _import_jaxlab(src, path, hasher)
+    versions = readers.InThread(checkpoint.versions)  # package versions and git state (a subprocess), meanwhile
     fam = FAMILIES[fam_name]
     shapes = {k: tuple(src.shape(k)) for k in src.keys()}
     try:
@@ -260,7 +261,7 @@ def import_file(
         "options": options,
       }
     },
-    "versions": checkpoint.versions(),
+    "versions": versions.result(),
   }
   return Imported(theta=tree["params"], model_state={c: v for c, v in tree.items() if c != "params"}, meta=meta)
 

@@ -34,18 +34,29 @@ from jaxlab.configs import as_tuple
 
 @dataclasses.dataclass(frozen=True)
 class Conversion:
-  """`to_ours(list of foreign arrays) -> jaxlab array` and its inverse `to_theirs(array) -> list`."""
+  """`to_ours(list of foreign arrays) -> jaxlab array` and its inverse `to_theirs(array) -> list`.
+
+  `axes`, for a conversion that only permutes the axes of one tensor: the permutation `to_theirs` applies
+  (`()` for none), so that the foreign shape is computed without tracing `to_theirs`.
+  """
 
   name: str
   to_ours: Callable[[list], object]
   to_theirs: Callable[[object], list]
+  axes: tuple[int, ...] | None = None
+
+  def theirs_shapes(self, shape: tuple[int, ...], dtype) -> list[tuple[int, ...]]:
+    """The foreign shape(s) `to_theirs` gives for a jaxlab array of `shape`."""
+    if self.axes is not None:
+      return [tuple(shape[a] for a in self.axes) if self.axes else tuple(shape)]
+    return [tuple(s.shape) for s in jax.eval_shape(self.to_theirs, jax.ShapeDtypeStruct(shape, dtype))]
 
 
-SAME = Conversion("same", lambda xs: xs[0], lambda x: [x])
+SAME = Conversion("same", lambda xs: xs[0], lambda x: [x], ())
 # torch Linear weight [out, in] <-> Flax Dense kernel [in, out]
-LINEAR = Conversion("linear", lambda xs: xs[0].transpose(1, 0), lambda x: [x.transpose(1, 0)])
+LINEAR = Conversion("linear", lambda xs: xs[0].transpose(1, 0), lambda x: [x.transpose(1, 0)], (1, 0))
 # torch Conv2d weight [out, in, kh, kw] <-> Flax Conv kernel [kh, kw, in, out]
-CONV = Conversion("conv", lambda xs: xs[0].transpose(2, 3, 1, 0), lambda x: [x.transpose(3, 2, 0, 1)])
+CONV = Conversion("conv", lambda xs: xs[0].transpose(2, 3, 1, 0), lambda x: [x.transpose(3, 2, 0, 1)], (3, 2, 0, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +96,7 @@ def expected_shapes(
     if e.conversion.to_theirs is None:  # import-only conversion: shapes are checked after conversion
       theirs = [None] * len(e.theirs)
     else:
-      theirs = [
-        tuple(s.shape) for s in jax.eval_shape(e.conversion.to_theirs, jax.ShapeDtypeStruct(shape, target.dtype))
-      ]
+      theirs = e.conversion.theirs_shapes(tuple(shape), target.dtype)
     for layer in keys:
       for k, s in zip(layer, theirs):
         out[k] = s

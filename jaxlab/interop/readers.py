@@ -530,25 +530,35 @@ def sha256(path: str, chunk: int = 1 << 23) -> str:
   return h.hexdigest()
 
 
-class BackgroundSha256:
-  """The sha256 of a file computed on a daemon thread while the caller reads and converts the file
-  (`hashlib` releases the GIL while hashing, so on a multi-core machine this costs no wall time);
-  `result()` waits for it and re-raises its error."""
+class InThread:
+  """`fn(*args)` run on a daemon thread while the caller does other work; `result()` waits for it and returns
+  its value or re-raises its error in the caller's thread."""
 
-  def __init__(self, path: str):
-    self._value: str | None = None
+  def __init__(self, fn, *args, name: str = "jaxlab-background"):
+    self._value = None
     self._error: BaseException | None = None
-    self._thread = threading.Thread(target=self._run, args=(path,), name="jaxlab-sha256", daemon=True)
+    self._thread = threading.Thread(target=self._run, args=(fn, args), name=name, daemon=True)
     self._thread.start()
 
-  def _run(self, path: str) -> None:
+  def _run(self, fn, args) -> None:
     try:
-      self._value = sha256(path)
+      self._value = fn(*args)
     except BaseException as e:  # re-raised in the caller's thread by result()
       self._error = e
 
-  def result(self) -> str:
+  def result(self):
     self._thread.join()
     if self._error is not None:
       raise self._error
-    return str(self._value)
+    return self._value
+
+
+class BackgroundSha256(InThread):
+  """The sha256 of a file computed on a daemon thread while the caller reads and converts the file
+  (`hashlib` releases the GIL while hashing, so on a multi-core machine this costs no wall time)."""
+
+  def __init__(self, path: str):
+    super().__init__(sha256, path, name="jaxlab-sha256")
+
+  def result(self) -> str:
+    return str(super().result())
