@@ -5,8 +5,8 @@
 
 The target is a pre-activation WRN (`config.model`, full width); the members
 are the half-width WRN (stem and every stage halved). Per seed the pipeline
-(`jaxlab/pipelines/mixture_growth.py`) trains member 0 and member 1
-(`member_steps` each), grows them with `grow_mixture` for every rule in
+(`jaxlab/pipelines/mixture_growth.py`; its keys under `config.mixture_growth`) trains member 0 and
+member 1 (`member_steps` each), grows them with `grow_mixture` for every rule in
 `rules` and trains the grown network `grow_steps` at `grow_lr`; baselines:
 `small` (half-width dense net, 2 * member_steps), `net2net` (small widened by
 channel duplication, then grow_steps), `random_growth` (the two members with
@@ -24,17 +24,19 @@ def get_config(arg: str | None = None):
   c = configs.base()
   c.job = "pipeline"
   c.pipeline = "mixture_growth"
-  c.seeds = (0, 1, 2)
   c.model = ml_collections.ConfigDict(dict(
-      name="wrn", depth=10, widen_factor=1.0, stem_width=16, mid_bn=False, head_bias=False))
-  c.num_templates = 2            # templates per set and layer
-  c.member_steps = 150           # training steps of each member (phase A and phase B)
-  c.grow_steps = 60              # training steps of every grown network (phase C)
-  c.grow_lr = 0.02               # peak LR after growth (the official code drops the LR at growth)
-  c.grow_noise = 1.0             # grow_mixture `noise` (coefs_noise_growing)
-  c.net2net_noise = 0.05         # grow_net2net symmetry-breaking noise (relative to each kernel's std)
-  c.rules = ("orthogonal", "copy", "zero", "random")
-  c.baselines = ("small", "net2net", "random_growth", "large", "large_long")
+      name="wrn", depth=10, widen_factor=1.0, stem_width=16, mid_bn=False, head_bias=False))  # the full width
+  g = c.mixture_growth = ml_collections.ConfigDict()
+  g.seeds = (0, 1, 2)
+  g.num_templates = 2            # templates per set and layer
+  g.member_steps = 150           # training steps of each member (phase A and phase B)
+  g.grow_steps = 60              # training steps of every grown network (phase C)
+  g.grow_lr = 0.02               # peak lr of the grown networks' stages (the official code drops the LR at growth)
+  g.grow_warmup = 0              # warmup steps of the grown networks' stages
+  g.grow_noise = 1.0             # grow_mixture `noise` (coefs_noise_growing)
+  g.net2net_noise = 0.05         # grow_net2net symmetry-breaking noise (relative to each kernel's std)
+  g.rules = ("orthogonal", "copy", "zero", "random")
+  g.baselines = ("small", "net2net", "random_growth", "large", "large_long")
 
   c.data.batch_size = 64
   c.data.aug_shift = 1
@@ -49,15 +51,15 @@ def get_config(arg: str | None = None):
   c.eval_splits = ("validation",)
   c.log_every = 20
   c.progress = False
-  c.total_steps = 1              # set per stage by the pipeline
+  c.total_steps = 1              # set per stage by the pipeline (member_steps, grow_steps, ...)
   if arg == "smoke":
-    c.seeds = (0,)
+    g.seeds = (0,)
     c.model.widen_factor = 0.5
     c.model.stem_width = 8
-    c.member_steps = 6
-    c.grow_steps = 4
-    c.rules = ("orthogonal",)     # the tests add the other rules and baselines
-    c.baselines = ("large",)
+    g.member_steps = 6
+    g.grow_steps = 4
+    g.rules = ("orthogonal",)     # the tests add the other rules and baselines
+    g.baselines = ("large",)
     c.optimizer.warmup_steps = 1
     c.log_every = 2
   elif arg:

@@ -264,8 +264,8 @@ def test_pipeline_smoke(tmp_path):
   cfg_mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cfg_mod)
   config = cfg_mod.get_config("smoke")  # ml_collections_configs/mixture_growth.py:smoke
-  config.rules = ("orthogonal", "zero")  # the smoke config runs one rule and one baseline; test them all
-  config.baselines = ("small", "net2net", "random_growth", "large")
+  config.mixture_growth.rules = ("orthogonal", "zero")  # the smoke config runs one rule and one baseline
+  config.mixture_growth.baselines = ("small", "net2net", "random_growth", "large")
   out = main.run(config, str(tmp_path))
   with open(out["results"]) as f:
     res = json.load(f)
@@ -285,7 +285,18 @@ def test_pipeline_smoke(tmp_path):
   assert rows["mg_orthogonal"]["trainable"] > rows["mg_orthogonal"]["params"]  # templates + coefficients
   for f in ("results.md", "accuracy_vs_flops.png"):
     assert os.path.exists(tmp_path / f)
+  # grown stages name their own learning rate and start from the grown checkpoint
+  over = {s["name"]: s["request"] for s in res["stages"]}
+  assert over["seed0/mg_orthogonal"]["overrides"]["optimizer.lr"] == config.mixture_growth.grow_lr
+  assert over["seed0/mg_orthogonal"]["overrides"]["init_from.path"] == str(tmp_path / "seed0/grow_orthogonal_init")
+  assert over["seed0/grow_orthogonal_init"]["transform"] == "grow_mixture"
+  assert {c["claim"] for c in res["claims"]} == {"MixtureGrowth beats growth with random new blocks",
+                                                "MixtureGrowth beats growth by copying (Net2Net)",
+                                                "MixtureGrowth beats the large network from scratch at the same "
+                                                "training FLOPs"}
   # Re-running skips every done stage and rewrites the same rows.
   again = main.run(config, str(tmp_path))
   with open(again["results"]) as f:
-    assert [r["test_acc"] for r in json.load(f)["rows"]] == [r["test_acc"] for r in res["rows"]]
+    res2 = json.load(f)
+  assert [r["test_acc"] for r in res2["rows"]] == [r["test_acc"] for r in res["rows"]]
+  assert all(s["skipped"] for s in res2["stages"])
