@@ -21,6 +21,7 @@ from jaxlab.experiments.report import (
     aggregate,
     claim,
     command,
+    errorbars,
     figure,
     lookup,
     machine,
@@ -43,6 +44,6 @@ from jaxlab.experiments.runner import (
 
 __all__ = [
     "DONE_FILE", "REQUEST_FILE", "STD_NOTE", "VERDICTS", "Experiment", "Report", "TrainStage", "TransformStage",
-    "aggregate", "claim", "command", "derive", "figure", "jsonable", "lookup", "machine", "majority_baseline",
-    "markdown_table", "pm", "precondition", "split_labels", "stats",
+    "aggregate", "claim", "command", "derive", "errorbars", "figure", "jsonable", "lookup", "machine",
+    "majority_baseline", "markdown_table", "pm", "precondition", "split_labels", "stats",
 ]

@@ -177,6 +177,16 @@ def markdown_table(header: Sequence[str], body: Iterable[Sequence]) -> list[str]
   return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
 
 
+def errorbars(ax, groups: Sequence[dict], x: str, series: str, scale: float = 100.0,
+              dashed: Callable[[str], bool] = lambda name: False) -> None:
+  """One line per value of `groups[series]` (groups of `aggregate`): the mean against `groups[x]` with
+  sample-std error bars, in order of first appearance."""
+  for name in dict.fromkeys(g[series] for g in groups):
+    pts = sorted((g for g in groups if g[series] == name), key=lambda g: g[x])
+    ax.errorbar([g[x] for g in pts], [scale * g["mean"] for g in pts], yerr=[scale * g["std"] for g in pts],
+                marker="o", capsize=3, label=str(name), linestyle="--" if dashed(name) else "-")
+
+
 def figure(path: str, draw: Callable, ncols: int = 1, size: tuple[float, float] = (6.5, 4.2)) -> str:
   """Draws `draw(axes)` (one Axes, or a list with `ncols` > 1) with matplotlib's Agg backend into `path`."""
   import matplotlib

@@ -15,14 +15,14 @@ Writes results.json, results.md and pela.png (test accuracy against parameter co
 from __future__ import annotations
 
 import os
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlab import checkpoint, configs, pipelines
-from jaxlab.experiments import Experiment, Report, TrainStage, TransformStage, aggregate, lookup, pm
+from jaxlab.experiments.measure import forward_throughput
+from jaxlab.experiments.report import Report, aggregate, errorbars, lookup, majority_baseline, pm, split_labels
+from jaxlab.experiments.runner import Experiment, TrainStage, TransformStage
 
 VARIANTS = {  # name: (feature distillation, weight perturbation, description)
     "svd_ft": (False, False, "SVD + fine-tuning with the task loss only"),
@@ -31,20 +31,6 @@ VARIANTS = {  # name: (feature distillation, weight perturbation, description)
 }
 DESCRIPTIONS = {"dense": "dense ViT (teacher)", "svd": "SVD only, no training",
                 **{k: v[2] for k, v in VARIANTS.items()}}
-
-
-def forward_throughput(module, params, model_state, input_shape, input_dtype, batch: int = 256,
-                       reps: int = 10) -> float:
-  """Inference examples per second of a jit-compiled forward pass of `batch` zeros (best of `reps` timed runs)."""
-  x = jnp.zeros((batch, *input_shape), jnp.dtype(input_dtype))
-  fn = jax.jit(lambda p, s, x: module.apply({"params": p, **s}, x, train=False))
-  fn(params, model_state, x).block_until_ready()
-  best = float("inf")
-  for _ in range(max(1, reps)):
-    t = time.perf_counter()
-    fn(params, model_state, x).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return batch / best
 
 
 def student_stage(p, name: str, seed: int, model: dict, init: str, variant: str | None, teacher: str,
@@ -124,11 +110,10 @@ def run(config, workdir: str) -> dict:
 
 def report(exp: Experiment, rows: list[dict], svd_reports: dict, seeds) -> dict:
   """The table (mean ± sample std over seeds), SVD errors, claims and plot of the PELA experiment."""
-  from jaxlab.experiments import majority_baseline, split_labels
   p, rep = exp.section, Report(exp, "PELA on digits: low-rank compression + feature distillation + weight perturbation")
   rep.rows = rows
-  agg = aggregate(rows, by=("name", "ratio"))
-  dense = lookup(agg, name="dense")
+  agg = aggregate(rows, by=("name", "ratio", "params"))
+  dense, speed = lookup(agg, name="dense"), aggregate(rows, by=("name", "ratio"), value="examples_per_s")
   base = majority_baseline(split_labels(exp.base.data, "test"))
   order = list(DESCRIPTIONS)
   rep.text(f"- Data: {exp.base.data.name} (test split, {base['n']} images; majority class scores "
@@ -138,10 +123,9 @@ def report(exp: Experiment, rows: list[dict], svd_reports: dict, seeds) -> dict:
            f"{p.wp_eps:g}). examples/s: jit-compiled forward pass, batch {p.throughput_batch}, best of "
            f"{p.throughput_reps} runs, once per architecture, on a machine shared with other jobs (noisy).")
   rep.table(("model", "ratio", "params", "kept", "test acc (%)", "Δ vs dense (points)", "seeds", "examples/s"),
-            [(a["name"], "-" if a["name"] == "dense" else f"{a['ratio']:g}", f"{_params(rows, a):,}",
-              f"{_params(rows, a) / _params(rows, dense):.2f}", pm(a, 100, 2),
-              f"{100 * (a['mean'] - dense['mean']):+.2f}", a["n"],
-              f"{np.median([r['examples_per_s'] for r in rows if r['name'] == a['name']]):,.0f}")
+            [(a["name"], "-" if a["name"] == "dense" else f"{a['ratio']:g}", f"{a['params']:,}",
+              f"{a['params'] / dense['params']:.2f}", pm(a, 100, 2), f"{100 * (a['mean'] - dense['mean']):+.2f}",
+              a["n"], f"{lookup(speed, name=a['name'], ratio=a['ratio'])['mean']:,.0f}")
              for a in sorted(agg, key=lambda a: (a["ratio"], order.index(a["name"].split("+")[0]), a["name"]))],
             caption="Test accuracy")
   rep.text("Models: " + "; ".join(f"`{k}`: {v}" for k, v in DESCRIPTIONS.items()) + ".",
@@ -163,31 +147,21 @@ def report(exp: Experiment, rows: list[dict], svd_reports: dict, seeds) -> dict:
   if best:
     drop = dense["mean"] - best["mean"]
     rep.claim("About half the parameters for well under a point of accuracy (best PELA variant at ratio 2)",
-              drop < 0.01, f"{best['name']} keeps {100 * _params(rows, best) / _params(rows, dense):.0f}% of the "
-              f"parameters, {abs(100 * drop):.2f} points {'below' if drop >= 0 else 'above'} the dense model (mean "
-              f"over {best['n']} seeds; one test image = {100 / base['n']:.2f} points)", requires=[pre])
+              drop < 0.01, f"{best['name']} keeps {100 * best['params'] / dense['params']:.0f}% of the parameters, "
+              f"{abs(100 * drop):.2f} points {'below' if drop >= 0 else 'above'} the dense model (mean over "
+              f"{best['n']} seeds; one test image = {100 / base['n']:.2f} points)", requires=[pre])
   if any(a["mean"] > dense["mean"] for a in agg if a["name"] not in ("dense", "svd")):
     rep.text("Caveat: some low-rank students beat the dense model. They train for extra steps on the same data "
              "after the dense run ended, so part of the gain is extra training rather than compression; the "
              "comparison between the variants (same steps, same seeds) is the fair one.")
   rep.extra["svd_reports"] = svd_reports
-  rep.figure("pela.png", lambda ax: _plot(ax, agg, rows))
+
+  def draw(ax):
+    errorbars(ax, [a for a in agg if a["name"] != "dense"], x="params", series="name")
+    ax.scatter([dense["params"]], [100 * dense["mean"]], marker="*", s=200, color="k", label="dense", zorder=5)
+    ax.set(xlabel="parameters", ylabel="test accuracy (%)", title="PELA on digits: accuracy vs parameters")
+    ax.legend(fontsize=8)
+  rep.figure("pela.png", draw)
   res = rep.write()
   return {"workdir": os.path.abspath(exp.workdir), "rows": len(rows), "wall_s": res["wall_s"],
           "verdicts": [c["verdict"] for c in res["claims"]]}
-
-
-def _params(rows: list[dict], group: dict) -> int:
-  return next(r["params"] for r in rows if r["name"] == group["name"] and r["ratio"] == group["ratio"])
-
-
-def _plot(ax, agg: list[dict], rows: list[dict]) -> None:
-  """Test accuracy against parameter count, one line per model kind (mean ± sample std over seeds)."""
-  for name in [n for n in dict.fromkeys(a["name"] for a in agg) if n != "dense"]:
-    pts = sorted((a for a in agg if a["name"] == name), key=lambda a: _params(rows, a))
-    ax.errorbar([_params(rows, a) for a in pts], [100 * a["mean"] for a in pts],
-                yerr=[100 * a["std"] for a in pts], marker="o", capsize=3, label=name)
-  dense = lookup(agg, name="dense")
-  ax.scatter([_params(rows, dense)], [100 * dense["mean"]], marker="*", s=200, color="k", label="dense", zorder=5)
-  ax.set(xlabel="parameters", ylabel="test accuracy (%)", title="PELA on digits: accuracy vs parameters")
-  ax.legend(fontsize=8)
