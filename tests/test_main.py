@@ -81,23 +81,15 @@ def test_compilation_cache_setting(tmp_path):
 
 
 def test_pipeline_list_keys_accept_comma_separated_overrides():
-  import ml_collections
-
-  from jaxlab import pipelines
-  assert pipelines.as_tuple(("seq_digits,pathfinder",)) == ("seq_digits", "pathfinder")  # how `a,b` arrives
-  assert pipelines.as_tuple("0,1, 2", int) == (0, 1, 2)
-  assert pipelines.as_tuple((3, "4,5"), int) == (3, 4, 5)
-  locked = ml_collections.ConfigDict({"s4d": {"tasks": ("listops,seq_digits",), "seeds": (0,)}})
-  locked.lock()
-  c = pipelines.normalized(locked, "s4d", dict(tasks=str, seeds=int))
-  assert c.s4d.tasks == ("listops", "seq_digits") and c.s4d.seeds == (0,)
-  assert locked.s4d.tasks == ("listops,seq_digits",)  # the caller's config is not changed
+  from jaxlab import configs
+  assert configs.as_tuple(("seq_digits,pathfinder",)) == ("seq_digits", "pathfinder")  # how `a,b` arrives
+  assert configs.as_tuple("0,1, 2", int) == (0, 1, 2)
+  assert configs.as_tuple((3, "4,5"), int) == (3, 4, 5)
 
 
 def test_pipeline_command_line_shows_the_recorded_overrides(tmp_path):
-  from jaxlab import pipelines
-  assert pipelines.command("s4d.py", str(tmp_path)).endswith(f"--config=ml_collections_configs/s4d.py "
-                                                              f"--workdir={tmp_path}")
+  from jaxlab.experiments import command
+  assert command(str(tmp_path), "s4d.py").endswith(f"--config=ml_collections_configs/s4d.py --workdir={tmp_path}")
   (tmp_path / "overrides.txt").write_text("--config.s4d.tasks=('listops','pathfinder')\n--config.seed=3\n")
-  assert pipelines.command("s4d.py", str(tmp_path)).endswith(
+  assert command(str(tmp_path), "s4d.py").endswith(
       f"--workdir={tmp_path} \"--config.s4d.tasks=('listops','pathfinder')\" --config.seed=3")
