@@ -307,3 +307,26 @@ def test_make_context_fn_matches_the_train_step_loss():
   g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
       module.apply({"params": p}, x), batch["label"]).mean())(params)
   assert out["cross_entropy"]["grad_norm"] == pytest.approx(float(optax.tree.norm(g)), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ListOps at LRA sizes: the disk cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_large_listops_sets_are_cached_on_disk(tmp_path, monkeypatch):
+  from jaxlab.data import sequences
+  monkeypatch.setattr(sequences, "LISTOPS_CACHE_MIN_TOKENS", 1000)
+  kw = dict(seed=5, min_length=10, max_length=64, max_depth=10, max_args=10)
+  cfg = {"cache_dir": str(tmp_path)}
+  x, y = sequences._cached_listops(cfg, 40, **kw)
+  files = list(tmp_path.glob("listops_*.npz"))
+  assert len(files) == 1
+  x2, y2 = sequences._cached_listops(cfg, 40, **kw)  # read back
+  want_x, want_y = sequences.generate_listops(40, **kw)
+  np.testing.assert_array_equal(x, want_x)
+  np.testing.assert_array_equal(x2, want_x)
+  np.testing.assert_array_equal(y2, want_y)
+  assert x2.dtype == np.int32
+  sequences._cached_listops({"cache_dir": str(tmp_path), "cache": False}, 30, **kw)
+  assert len(list(tmp_path.glob("listops_*.npz"))) == 1  # cache off: nothing written

@@ -29,6 +29,10 @@ Three registered data sets, each with `train`, `validation`, `test` and `heldout
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -123,8 +127,11 @@ def generate_listops(n: int, *, seed: int, min_length: int, max_length: int, max
   if max_args < 2 or max_depth < 1:
     raise ValueError(f"listops: need max_args >= 2 and max_depth >= 1, got {max_args}, {max_depth}")
   u = _uniforms(seed)
-  seen: set[tuple] = set()
-  rows, labels = [], []
+  # Accepted trees as uint8 bytes (ids < 16): a 96k-example LRA-length set costs ~0.1 GB here, not the
+  # ~1.6 GB of Python int tuples.
+  seen: set[bytes] = set()
+  rows: list[bytes] = []
+  labels = []
   tries, max_tries = 0, max_tries or 2000 * n + 10000
   while len(rows) < n:
     tries += 1
@@ -138,16 +145,48 @@ def generate_listops(n: int, *, seed: int, min_length: int, max_length: int, max
       continue
     if len(out) <= min_length:
       continue
-    ids = tuple(out)
+    ids = np.asarray(out, np.uint8).tobytes()
     if ids in seen:
       continue
     seen.add(ids)
     rows.append(ids)
     labels.append(value)
+  del seen
   x = np.full((n, max_length), LISTOPS_PAD, np.int32)
   for i, ids in enumerate(rows):
-    x[i, :len(ids)] = ids
+    x[i, :len(ids)] = np.frombuffer(ids, np.uint8)
   return x, np.asarray(labels, np.int32)
+
+
+# Sets of at least this many tokens (n * max_length; ~20 s of generation on one core) are cached on disk.
+LISTOPS_CACHE_MIN_TOKENS = 10_000_000
+
+
+def listops_cache_dir(cfg=None) -> str:
+  """Where large ListOps sets are cached: `data.cache_dir` > `$JAXLAB_CACHE/listops` > `~/.cache/jaxlab/listops`."""
+  d = (cfg.get("cache_dir") if cfg is not None and hasattr(cfg, "get") else None) or ""
+  if not d:
+    root = os.environ.get("JAXLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxlab")
+    d = os.path.join(root, "listops")
+  return os.path.abspath(os.path.expanduser(d))
+
+
+def _cached_listops(cfg, n: int, **kw) -> tuple[np.ndarray, np.ndarray]:
+  """`generate_listops(n, **kw)`, read from / written to the disk cache for large sets (`data.cache`)."""
+  if not bool(cfg.get("cache", True)) or n * kw["max_length"] < LISTOPS_CACHE_MIN_TOKENS:
+    return generate_listops(n, **kw)
+  key = hashlib.sha256(json.dumps({"n": n, **kw, "format": 1}, sort_keys=True).encode()).hexdigest()[:16]
+  path = os.path.join(listops_cache_dir(cfg), f"listops_{key}.npz")
+  if os.path.exists(path):
+    with np.load(path) as f:
+      return f["x"].astype(np.int32), f["y"].astype(np.int32)
+  x, y = generate_listops(n, **kw)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
+  with os.fdopen(fd, "wb") as f:
+    np.savez_compressed(f, x=x.astype(np.uint8), y=y.astype(np.uint8))
+  os.replace(tmp, path)  # atomic: concurrent builders never read a partial file
+  return x, y
 
 
 # ----------------------------------------------------------------------------
@@ -186,7 +225,8 @@ LISTOPS_SIZES = {"train": 2000, "validation": 200, "test": 500, "heldout": 200}
 def build_listops(cfg) -> base.Dataset:
   """ListOps (see the module docstring). Keys: max_length (<= 2000 as LRA, any positive value works),
   min_length (default max_length // 4, LRA 500), max_depth (10), max_args (10), seed (0),
-  {train,validation,test,heldout}_size."""
+  {train,validation,test,heldout}_size (LRA: 96000 / 2000 / 2000), cache (True: sets of at least
+  `LISTOPS_CACHE_MIN_TOKENS` tokens are kept as .npz in `listops_cache_dir`), cache_dir."""
   max_length = int(cfg.get("max_length", 2000))
   min_length = int(cfg.get("min_length", 0) or max_length // 4)
   max_depth, max_args = int(cfg.get("max_depth", 10)), int(cfg.get("max_args", 10))
@@ -194,8 +234,8 @@ def build_listops(cfg) -> base.Dataset:
   sizes = _sizes(cfg, LISTOPS_SIZES)
   key = ("listops", max_length, min_length, max_depth, max_args, seed, tuple(sizes.items()))
   if key not in _CACHE:
-    _CACHE[key] = generate_listops(sum(sizes.values()), seed=seed, min_length=min_length, max_length=max_length,
-                                   max_depth=max_depth, max_args=max_args)
+    _CACHE[key] = _cached_listops(cfg, sum(sizes.values()), seed=seed, min_length=min_length,
+                                  max_length=max_length, max_depth=max_depth, max_args=max_args)
   x, y = _CACHE[key]
   splits = _split_arrays(x, y, sizes)
   info = _info("listops", vocab_size=len(LISTOPS_VOCAB), channels=1, seq_len=max_length, pad_id=LISTOPS_PAD,
