@@ -85,7 +85,7 @@ def test_stages_record_overrides_and_are_skipped_when_done(tmp_path, fake_jobs):
   rep.write()
   md = open(tmp_path / "results.md").read()
   assert "`a/s0` | `optimizer.lr=0.5`, `total_steps=3`, `model~{\"depth\":3}`" in md  # only what differs
-  assert "`uniform_soup(a/s0, a/s0; scale=1.0)`" in md
+  assert "`uniform_soup(a/s0, a/s0; scale=1)`" in md
 
 
 def test_aggregate_is_sample_std_over_seeds():

@@ -31,6 +31,7 @@ from jaxlab.experiments.report import (
     precondition,
     split_labels,
     stats,
+    summary_row,
 )
 from jaxlab.experiments.runner import (
     DONE_FILE,
@@ -45,5 +46,5 @@ from jaxlab.experiments.runner import (
 __all__ = [
     "DONE_FILE", "REQUEST_FILE", "STD_NOTE", "VERDICTS", "Experiment", "Report", "TrainStage", "TransformStage",
     "aggregate", "claim", "command", "derive", "errorbars", "figure", "jsonable", "lookup", "machine",
-    "majority_baseline", "markdown_table", "pm", "precondition", "split_labels", "stats",
+    "majority_baseline", "markdown_table", "pm", "precondition", "split_labels", "stats", "summary_row",
 ]

@@ -72,6 +72,13 @@ def aggregate(rows: Sequence[dict], by: str | Sequence[str] = "name", value: str
   return out
 
 
+def summary_row(name: str, summary: dict, seed: int = 0, **fields) -> dict:
+  """A row from a train stage's summary: name, seed, test_acc, val_acc, params, wall_s, and `fields`."""
+  return {"name": name, "seed": int(seed), "test_acc": summary.get("test_accuracy"),
+          "val_acc": summary.get("validation_accuracy"), "params": int(summary.get("params", 0)),
+          "wall_s": float(summary.get("wall_s", 0.0)), **fields}
+
+
 def lookup(groups: Sequence[dict], **fields) -> dict | None:
   """The first group of `aggregate(...)` whose fields equal `fields`, or None."""
   return next((g for g in groups if all(g.get(k) == v for k, v in fields.items())), None)
@@ -222,6 +229,10 @@ class Report:
     self.claims: list[dict] = []
     self.figures: dict[str, Callable] = {}
     self.extra: dict = {}
+
+  def baseline(self, split: str = "test") -> dict:
+    """`majority_baseline` of `split` of the experiment's data set (`base.data`)."""
+    return majority_baseline(split_labels(self.exp.base.data, split))
 
   def text(self, *paragraphs: str) -> Report:
     """Adds paragraphs (or markdown lines) to the page."""

@@ -21,7 +21,8 @@ import os
 import numpy as np
 
 from jaxlab import configs, pipelines, trees
-from jaxlab.experiments import Experiment, Report, TrainStage, aggregate, lookup, majority_baseline, pm, split_labels
+from jaxlab.experiments.report import Report, aggregate, errorbars, lookup, pm, summary_row
+from jaxlab.experiments.runner import Experiment, TrainStage
 
 METHODS = {"tleg": ("expand_learngene", "learngene"), "sws": ("expand_stages", "stages")}  # transform, gene key
 AUX = ("teacher", "tleg_aux", "sws_aux")
@@ -56,68 +57,57 @@ def run(config, workdir: str) -> dict:
     ValueError: unknown methods, no depths, or SWS stages that do not sum to the aux depth.
   """
   exp = Experiment(config, workdir, "learngene")
-  g = exp.section
-  g.methods, g.depths, g.seeds = (configs.as_tuple(g.methods), configs.as_tuple(g.depths, int),
-                                  configs.as_tuple(g.seeds, int))
-  g.aux.stages = configs.as_tuple(g.aux.stages, int)
+  g, a, d, f = exp.section, exp.section.aux, exp.section.distill, exp.section.finetune
+  g.methods, g.depths, g.seeds = configs.as_tuple(g.methods), configs.as_tuple(g.depths, int), configs.as_tuple(
+      g.seeds, int)
+  a.stages = configs.as_tuple(a.stages, int)
   if not g.methods or any(m not in METHODS for m in g.methods):
     raise ValueError(f"config.learngene.methods={list(g.methods)}: choose from {list(METHODS)}")
   if not g.depths or min(g.depths) < 1:
     raise ValueError(f"config.learngene.depths={list(g.depths)}: give depths >= 1")
-  if "sws" in g.methods and sum(g.aux.stages) != g.aux.model.depth:
-    raise ValueError(f"config.learngene.aux.stages={list(g.aux.stages)} must sum to "
-                     f"config.learngene.aux.model.depth={g.aux.model.depth}")
-  rows, genes = [], {}
+  if "sws" in g.methods and sum(a.stages) != a.model.depth:
+    raise ValueError(f"config.learngene.aux.stages={list(a.stages)} must sum to config.learngene.aux.model.depth="
+                     f"{a.model.depth}")
+  rows, genes, k = [], {}, int(g.scratch.long_factor)
 
-  def row(name, method, depth, seed, s, steps, init):
-    rows.append({"name": name, "method": method, "depth": int(depth), "seed": int(seed),
-                 "test_acc": s.get("test_accuracy"), "val_acc": s.get("validation_accuracy"),
-                 "train_steps": int(steps), "params": int(s.get("params", 0)), "init": init,
-                 "wall_s": float(s.get("wall_s", 0.0))})
+  def stage(name: str, method: str, depth: int, seed: int, init: str, steps: int, overrides: dict) -> None:
+    s = exp.run(TrainStage(name, overrides))
+    rows.append(summary_row(name, s, seed, method=method, depth=int(depth), train_steps=int(steps), init=init))
 
   # 1. teacher, 2. auxiliary nets by soft distillation
-  teacher = g.teacher_path
-  if not teacher:
-    t = g.teacher
-    s = exp.run(TrainStage("teacher", _train(t.model, t.steps, t.lr, t.warmup,
-                                             **{"objective.label_smoothing": float(t.label_smoothing)})))
-    row("teacher", "teacher", t.model.depth, 0, s, t.steps, "random")
-    teacher = exp.path("teacher")
-  a, d = g.aux, g.distill
+  t, teacher = g.teacher, g.teacher_path or exp.path("teacher")
+  if not g.teacher_path:
+    stage("teacher", "teacher", t.model.depth, 0, "random", t.steps, _train(
+        t.model, t.steps, t.lr, t.warmup, **{"objective.label_smoothing": float(t.label_smoothing)}))
   for m in g.methods:
     param = ({"name": "linear_learngene", "coefficient": a.coefficient} if m == "tleg"
              else {"name": "stage_sharing", "stages": tuple(a.stages)})
-    s = exp.run(TrainStage(f"{m}_aux", _train(a.model, a.steps, a.lr, a.warmup, parameterization=param, **{
-        "objective.weights": {"soft_distill": float(d.soft_distill), "cross_entropy": float(d.cross_entropy)},
-        "objective.teacher": os.path.abspath(teacher), "objective.temperature": float(d.temperature),
-        "objective.distill_normalize": d.normalize})))
-    row(f"{m}_aux", f"{m}_aux", a.model.depth, 0, s, a.steps, "random")
+    stage(f"{m}_aux", f"{m}_aux", a.model.depth, 0, "random", a.steps, _train(
+        a.model, a.steps, a.lr, a.warmup, parameterization=param, **{
+            "objective.weights": {"soft_distill": float(d.soft_distill), "cross_entropy": float(d.cross_entropy)},
+            "objective.teacher": os.path.abspath(teacher), "objective.temperature": float(d.temperature),
+            "objective.distill_normalize": d.normalize}))
 
-  # 3. descendants from each learngene (and, optionally, each expansion before fine-tuning)
-  f = g.finetune
+  # 3. descendants from each learngene (and each expansion before fine-tuning), 4. scratch baselines of the
+  # same architectures with the same and k times the budget
   for m in g.methods:
     transform, gene_key = METHODS[m]
     genes[m] = _stored(exp.path(f"{m}_aux"), gene_key)
     for depth in method_depths(g, m):
       if g.eval_expanded:
         acc, n = _evaluate_expansion(exp, exp.path(f"{m}_aux"), transform, _expand_args(g, m, depth, 0))
-        rows.append({"name": f"{m}_d{depth}_expanded", "method": f"{m}_expanded", "depth": depth, "seed": 0,
-                     "test_acc": acc, "val_acc": None, "train_steps": 0, "params": n, "init": "learngene",
-                     "wall_s": 0.0})
+        rows.append({"name": f"{m}_d{depth}_expanded", "seed": 0, "test_acc": acc, "val_acc": None, "params": n,
+                     "wall_s": 0.0, "method": f"{m}_expanded", "depth": depth, "train_steps": 0, "init": "learngene"})
       for seed in g.seeds:
-        s = exp.run(TrainStage(f"{m}_d{depth}_s{seed}", _train(_descendant(g, depth), f.steps, f.lr, f.warmup, seed, **{
-            "init_from.path": exp.path(f"{m}_aux"), "init_from.transform": transform,
-            "init_from.args": _expand_args(g, m, depth, seed)})))
-        row(f"{m}_d{depth}_s{seed}", m, depth, seed, s, f.steps, "learngene")
-
-  # 4. scratch baselines: the same architectures, the same and k times the budget
-  k = int(g.scratch.long_factor)
-  for depth in sorted({d for m in g.methods for d in method_depths(g, m)}):
+        stage(f"{m}_d{depth}_s{seed}", m, depth, seed, "learngene", f.steps, _train(
+            _descendant(g, depth), f.steps, f.lr, f.warmup, seed, **{
+                "init_from.path": exp.path(f"{m}_aux"), "init_from.transform": transform,
+                "init_from.args": _expand_args(g, m, depth, seed)}))
+  for depth in sorted({dd for m in g.methods for dd in method_depths(g, m)}):
     for seed in g.seeds:
       for arm, steps in (("scratch", f.steps), (f"scratch_{k}x", k * f.steps)):
-        s = exp.run(TrainStage(f"{arm.replace('_', '')}_d{depth}_s{seed}", _train(
-            _descendant(g, depth), steps, g.scratch.lr, g.scratch.warmup * (steps // f.steps), seed)))
-        row(f"{arm}_d{depth}_s{seed}", arm, depth, seed, s, steps, "random")
+        stage(f"{arm.replace('_', '')}_d{depth}_s{seed}", arm, depth, seed, "random", steps, _train(
+            _descendant(g, depth), steps, g.scratch.lr, g.scratch.warmup * (steps // f.steps), seed))
   return report(exp, rows, genes, k)
 
 
@@ -143,7 +133,7 @@ def report(exp: Experiment, rows: list[dict], genes: dict, k: int) -> dict:
   g, rep = exp.section, Report(exp, "Learngene on digits: TLEG / SWS descendants against scratch")
   rep.rows = rows
   table = aggregate(rows, by=("method", "depth"))
-  base = majority_baseline(split_labels(exp.base.data, "test"))
+  base = rep.baseline("test")
   t, a, d, f = g.teacher, g.aux, g.distill, g.finetune
   rep.text(f"Data: {exp.base.data.name}, test split of {base['n']} images (majority class "
            f"{100 * base['accuracy']:.1f}%). Seeds {list(g.seeds)}. Teacher ViT width {t.model.width} depth "
@@ -166,19 +156,14 @@ def report(exp: Experiment, rows: list[dict], genes: dict, k: int) -> dict:
   pre = {r["method"]: rep.precondition(f"{r['name']} beats the majority-class baseline (test accuracy)",
                                        r["test_acc"], base["accuracy"]) for r in aux}
   for m in g.methods:
-    ds = method_depths(g, m)
-    st = {"learngene_params": genes[m]["gene_params"], "shared_params": genes[m]["shared_params"]}
-    st["learngene_plus_shared"] = st["learngene_params"] + st["shared_params"]
-    st["sum_descendant_params"] = sum(next(r["params"] for r in rows if r["method"] == m and r["depth"] == dd)
-                                      for dd in ds)
-    st["ratio"] = st["sum_descendant_params"] / st["learngene_plus_shared"]
-    st["ratio_gene_only"] = st["sum_descendant_params"] / st["learngene_params"]
-    summary["methods"][m] = {"depths": ds, "stored": st}
-    lines.append(f"- **{m}**: learngene {st['learngene_params']:,} + shared (embeddings, final norm, head) "
-                 f"{st['shared_params']:,} = {st['learngene_plus_shared']:,} stored parameters initialise depths "
-                 f"{ds} whose parameters sum to {st['sum_descendant_params']:,}: **{st['ratio']:.1f}x** fewer "
-                 f"({st['ratio_gene_only']:.1f}x counting the learngene alone).")
-    needs = [p for key, p in pre.items() if key in ("teacher", f"{m}_aux")]
+    ds, gene, shared = method_depths(g, m), genes[m]["gene_params"], genes[m]["shared_params"]
+    total = sum(next(r["params"] for r in rows if r["method"] == m and r["depth"] == dd) for dd in ds)
+    summary["methods"][m] = {"depths": ds, "stored": {
+        "learngene_params": gene, "shared_params": shared, "learngene_plus_shared": gene + shared,
+        "sum_descendant_params": total, "ratio": total / (gene + shared), "ratio_gene_only": total / gene}}
+    lines.append(f"- **{m}**: learngene {gene:,} + shared (embeddings, final norm, head) {shared:,} = "
+                 f"{gene + shared:,} stored parameters initialise depths {ds} whose parameters sum to {total:,}: "
+                 f"**{total / (gene + shared):.1f}x** fewer ({total / gene:.1f}x counting the learngene alone).")
     for arm, text in (("scratch", f"beat scratch at the equal fine-tuning budget ({f.steps} steps)"),
                       (f"scratch_{k}x", f"match or beat scratch trained {k}x longer (within one seed std)")):
       pairs = [(lookup(table, method=m, depth=dd), lookup(table, method=arm, depth=dd)) for dd in ds]
@@ -187,7 +172,7 @@ def report(exp: Experiment, rows: list[dict], genes: dict, k: int) -> dict:
       rep.claim(f"{m} descendants {text}", wins > len(diffs) / 2 if diffs else None,
                 f"{'higher' if arm == 'scratch' else 'within one std or higher'} at {wins}/{len(diffs)} depths "
                 f"(holds at a majority), mean difference {100 * np.mean([x for x, _ in diffs]) if diffs else 0:+.1f} "
-                "points", requires=needs)
+                "points", requires=[p for key, p in pre.items() if key in ("teacher", f"{m}_aux")])
   rep.lines += lines + ["", f"The learngene costs {a.steps} auxiliary steps at depth {a.model.depth} plus the "
                         f"teacher, against {k * f.steps} scratch steps per depth at {k}x budget. Caveats: digits is "
                         "tiny, the models small and every budget a few hundred steps, far from the papers' ImageNet "
@@ -201,10 +186,8 @@ def report(exp: Experiment, rows: list[dict], genes: dict, k: int) -> dict:
 
 def _plot(ax, table: list[dict], aux: list[dict]) -> None:
   """Mean test accuracy against depth with sample-std error bars per method; teacher and aux nets as stars."""
-  for method in sorted({r["method"] for r in table} - set(AUX)):
-    pts = sorted((r for r in table if r["method"] == method), key=lambda r: r["depth"])
-    ax.errorbar([r["depth"] for r in pts], [100 * r["mean"] for r in pts], yerr=[100 * r["std"] for r in pts],
-                label=method, marker="o", linestyle="--" if method.endswith("expanded") else "-", capsize=3)
+  errorbars(ax, [r for r in table if r["method"] not in AUX], x="depth", series="method",
+            dashed=lambda m: m.endswith("expanded"))
   for r in aux:
     ax.scatter([r["depth"]], [100 * r["test_acc"]], marker="*", s=90, label=r["name"], zorder=3)
   ax.set(xlabel="depth (layers)", ylabel="test accuracy (%)", title="Learngene descendants vs scratch (digits)")

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxlab import checkpoint, configs, pipelines
 from jaxlab.experiments.measure import forward_throughput
-from jaxlab.experiments.report import Report, aggregate, errorbars, lookup, majority_baseline, pm, split_labels
+from jaxlab.experiments.report import Report, aggregate, errorbars, lookup, pm
 from jaxlab.experiments.runner import Experiment, TrainStage, TransformStage
 
 VARIANTS = {  # name: (feature distillation, weight perturbation, description)
@@ -114,7 +114,7 @@ def report(exp: Experiment, rows: list[dict], svd_reports: dict, seeds) -> dict:
   rep.rows = rows
   agg = aggregate(rows, by=("name", "ratio", "params"))
   dense, speed = lookup(agg, name="dense"), aggregate(rows, by=("name", "ratio"), value="examples_per_s")
-  base = majority_baseline(split_labels(exp.base.data, "test"))
+  base = rep.baseline("test")
   order = list(DESCRIPTIONS)
   rep.text(f"- Data: {exp.base.data.name} (test split, {base['n']} images; majority class scores "
            f"{100 * base['accuracy']:.1f}%). Dense teacher: one checkpoint; trained variants: seeds {list(seeds)}, "
