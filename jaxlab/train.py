@@ -346,7 +346,7 @@ def _set_up(config, workdir: str) -> _Run:
   """The data set, the number of steps, the device mesh, the model, the parameterization and the run's keys."""
   dataset = data.get_dataset(config.data, data.checkpoint_meta_for(config))  # + an imported model's preprocessing
   total = resolve_steps(config, dataset.num_examples("train"))
-  mesh = sharding.make_mesh(config.sharding.num_devices or None)
+  mesh = sharding.make_mesh(config.get("sharding", {}).get("num_devices") or None)
   n_dev = mesh.shape["data"]
   bs = int(config.data.batch_size)
   if bs % n_dev or bs % jax.process_count():
@@ -369,7 +369,7 @@ def _initial_state(run: _Run):
   tx, sched = optim.build(config.optimizer, theta, run.total)
   state = {"step": jnp.zeros((), jnp.int32), "theta": theta, "opt_state": tx.init(theta),
            "model_state": model_state}
-  fsdp = tuple(tuple(r) for r in config.sharding.fsdp)
+  fsdp = tuple(tuple(r) for r in config.get("sharding", {}).get("fsdp", ()))
   state_sh = {"step": sharding.replicated(run.mesh),
               "theta": sharding.param_shardings(state["theta"], run.mesh, fsdp),
               "opt_state": sharding.param_shardings(state["opt_state"], run.mesh, ()),
@@ -423,17 +423,19 @@ def _compiled_steps(run: _Run, tx):
 def _evaluate_splits(run: _Run, materialize, eval_step, state, splits, step: int, writer: MetricWriter) -> dict:
   """Metrics of the current state on each of `splits`, also written at `step`."""
   p = materialize(state["theta"])
+  batch_size = int(run.config.data.get("eval_batch_size", 256))
   out = {}
   for split in splits:
-    m = evaluate(run.module, p, state["model_state"], run.dataset, split, int(run.config.data.eval_batch_size),
-                 mesh=run.mesh, eval_step=eval_step)
+    m = evaluate(run.module, p, state["model_state"], run.dataset, split, batch_size, mesh=run.mesh,
+                 eval_step=eval_step)
     out[split] = m
     writer.write(step, {k: v for k, v in m.items() if k != "count"}, prefix=f"{split}/")
   return out
 
 
 def _final_splits(config) -> tuple[str, ...]:
-  return tuple(dict.fromkeys(tuple(config.eval_splits) + tuple(config.final_eval_splits)))
+  return tuple(dict.fromkeys(tuple(config.get("eval_splits", ("validation",)))
+                            + tuple(config.get("final_eval_splits", ("test",)))))
 
 
 def _train_loop(run: _Run, state, start: int, train_step, sched, run_eval, mngr, writer: MetricWriter,
@@ -442,16 +444,16 @@ def _train_loop(run: _Run, state, start: int, train_step, sched, run_eval, mngr,
   (`run_eval(state, splits, step)`), checkpoints every `checkpoint_every`; returns the final state (the state
   passed in is donated to the first step). The batch of step s comes from `(seed, s)` alone."""
   config, total, bs = run.config, run.total, run.batch_size
-  log_every = int(config.log_every)
-  eval_every = int(config.eval_every or 0)
-  ckpt_every = int(config.checkpoint_every or 0)
-  eval_splits = tuple(config.eval_splits)
+  log_every = int(config.get("log_every", 50))
+  eval_every = int(config.get("eval_every", 0) or 0)
+  ckpt_every = int(config.get("checkpoint_every", 0) or 0)
+  eval_splits = tuple(config.get("eval_splits", ("validation",)))
   last_eval: dict = {}
   t_log, n_log = time.time(), 0
   pending: list = []
   batches = data.TrainBatches(run.dataset, config.data, start=start, total=total, batch_size=bs,
                               seed=int(config.seed), mesh=run.mesh)
-  tracer = profiling.StepTracer(run.workdir, int(config.profile_steps or 0), start, total)
+  tracer = profiling.StepTracer(run.workdir, int(config.get("profile_steps", 0) or 0), start, total)
   opened.others += [batches.close, lambda: tracer.close(state)]  # input workers, profiler: also on an error
   try:
     for step in range(start, total):
