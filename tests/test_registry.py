@@ -47,3 +47,31 @@ def test_discovery_imports_every_module_of_the_package_once(tmp_path, monkeypatc
   finally:
     for name in [m for m in sys.modules if m.split(".")[0] == "plugpkg"]:
       del sys.modules[name]
+
+
+def test_every_plugin_kind_uses_the_one_registry_and_names_its_config_key():
+  from jaxlab import data, main, models, objectives, parameterizations, transforms, validate
+  from jaxlab.data import base
+  cases = [
+      (models.MODELS, lambda: models.build({"name": "nope"}, 10), "config.model.name: unknown model 'nope'", "vit"),
+      (base.DATASETS, lambda: data.get_dataset({"name": "nope"}), "config.data.name: unknown data set 'nope'",
+       "digits"),
+      (parameterizations.PARAMETERIZATIONS, lambda: parameterizations.build({"name": "nope"}),
+       "config.parameterization.name: unknown parameterization 'nope'", "linear_learngene"),
+      (objectives.PREPARERS, lambda: objectives.get_preparer({"prepare": "nope"}),
+       "config.objective.prepare: unknown preparer 'nope'", None),
+      (objectives.EVALS, lambda: objectives.get_eval({"eval": "nope"}), "config.objective.eval: unknown eval 'nope'",
+       "classification"),
+      (transforms.TRANSFORMS, lambda: transforms.get("nope"), "config.transform: unknown transform 'nope'",
+       "uniform_soup"),
+      (main.JOBS, lambda: main.JOBS.get("nope"), "config.job: unknown job 'nope'", "train"),
+      (validate.JOB_CHECKS, lambda: validate.JOB_CHECKS.get("nope"), "config.job: unknown job 'nope'", "pipeline"),
+  ]
+  for reg, call, message, builtin in cases:
+    assert isinstance(reg, Registry)
+    with pytest.raises(ValueError, match="^" + message.replace(".", r"\.") + "; known: "):
+      call()
+    if builtin is not None:  # found by the discovery rule, not by an explicit import
+      assert builtin in reg.names()
+  assert "cross_entropy" in objectives.TERMS and objectives.TERMS.get("soft_distill").needs == ("teacher",)
+  assert set(main.JOBS.names()) == set(validate.JOB_CHECKS.names())  # every job is run and checked
