@@ -425,14 +425,13 @@ def test_sharded_merges_equal_one_device(world, tmp_path):
 
 def _rows(accs: dict[str, list[float]], tasks=("a", "b"), seeds=(0, 1)) -> list[dict]:
   """Synthetic result rows: `accs[name]` = per-task test accuracy (the same for every seed, plus a seed offset)."""
-  return [
-    {"name": n, "seed": s, "accs": {t: {"test": v + 0.01 * s, "heldout": v} for t, v in zip(tasks, vals)}}
-    for n, vals in accs.items()
-    for s in seeds
-  ]
+  from jaxlab.pipelines import merging as exp
+  return [exp._row(n, s, {t: {"test": v + 0.01 * s, "heldout": v} for t, v in zip(tasks, vals)}, tasks)
+          for n, vals in accs.items() for s in seeds]
 
 
 def test_experiment_preconditions_claims_and_stats():
+  from jaxlab.experiments import aggregate, lookup
   from jaxlab.pipelines import merging as exp
 
   mc = ml_collections.ConfigDict(dict(min_gain=0.1, min_interference=0.2))
@@ -453,10 +452,12 @@ def test_experiment_preconditions_claims_and_stats():
   assert verdicts == {"TIES": "holds", "DARE": "does not hold", "Model": "does not hold"}  # breadcrumbs: a tie
   small = {**accs, "ties": [0.505, 0.5]}  # wins every seed by 0.25 points: below the minimum effect
   assert exp.claims(_rows(small), pre, ("a", "b"), (0, 1))[0]["verdict"] == "does not hold"
-  agg = exp.aggregate(rows, ("a", "b"), (0, 1))
-  assert agg["ties"]["avg_test"]["mean"] == pytest.approx(0.555)
-  assert agg["ties"]["avg_test"]["std"] == pytest.approx(np.std([0.55, 0.56], ddof=1))
-  assert agg["upper_bound"]["test"]["b"]["mean"] == pytest.approx(0.805)
+  groups = aggregate(rows + exp.upper_bound(rows, ("a", "b")))
+  assert lookup(groups, name="ties")["mean"] == pytest.approx(0.555)
+  assert lookup(groups, name="ties")["std"] == pytest.approx(np.std([0.55, 0.56], ddof=1))
+  assert lookup(aggregate(rows + exp.upper_bound(rows, ("a", "b")), value="test_b"), name="upper_bound")["mean"] == (
+    pytest.approx(0.805))
+  assert lookup(groups, name="upper_bound")["mean"] == pytest.approx((0.905 + 0.805) / 2)
   exact = _rows({**accs, "pretrained": [0.2, 0.1], "ft_a": [0.3, 0.2]})  # 0.3 - 0.2 < 0.1 in floats
   assert exp.preconditions(exact, ("a", "b"), (0, 1), mc)[0]["holds"]
   weak = _rows({**accs, "ft_b": [0.1, 0.15]})
@@ -505,6 +506,13 @@ def test_merging_pipeline_smoke(tmp_path):
     seed_dir / "pretrain"
   )
   assert os.path.exists(wd / "results.md") and os.path.exists(wd / "merging.png")
+  # each stage names its learning rate and task; a rerun skips every stage
+  over = {s["name"]: s["request"] for s in res["stages"]}
+  assert over["seed_0/pretrain"]["overrides"]["optimizer.lr"] == cfg.merging.pretrain_lr
+  assert over["seed_0/ft_rot90"]["overrides"]["data.task"] == "rot90"
+  assert over["seed_0/ties"]["args"]["scale"] == next(r for r in res["rows"] if r["name"] == "ties")["args"]["scale"]
+  main.run(cfg, str(wd))
+  assert all(s["skipped"] for s in json.load(open(wd / "results.json"))["stages"])
 
 
 def test_tensorwise_equals_model_streaming(world):

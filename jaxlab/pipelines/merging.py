@@ -1,292 +1,139 @@
-"""The model-merging experiment: one pre-trained model, fine-tunes on conflicting digit tasks, merges compared.
+"""Pipeline `merging`: one pre-trained model, fine-tunes on conflicting digit tasks, merges compared.
 
-Tasks are the digits under a fixed input transformation (data set `digits_task`, jaxlab/data/digits_task.py): inverted
-intensities, rotated by 90 degrees, mirrored, a fixed pixel permutation (`merging.tasks`). The model is
-pre-trained on `merging.pretrain_task` (default `mixed`: every image under one of the transformations or
-none, fixed per image, so it knows every task a little) and fine-tuned separately on each task. Each
-transformation needs different features, so a fine-tune on one does poorly on the others: the tasks
-interfere, the setting in which TIES and DARE claim to beat task arithmetic. As in the papers, a merge is
-evaluated on task t with the classification head of t's fine-tune (`merging.task_heads`).
+Tasks are the digits under a fixed input transformation (data set `digits_task`, jaxlab/data/digits_task.py):
+inverted, rotated by 90 degrees, mirrored, pixel-permuted (`merging.tasks`). Each needs different features, so a
+fine-tune on one does poorly on the others: the tasks interfere, the setting in which TIES and DARE claim to beat
+task arithmetic. As in the papers, a merge is evaluated on task t with the head of t's fine-tune
+(`merging.task_heads`). Stages per seed, in `seed_<s>/`:
 
-Stages per seed (sub-workdirs of `seed_<s>/`; finished stages are skipped on re-run):
-  pretrain/            trained from scratch on `pretrain_task`
-  ft_<task>/           one fine-tune per task from it
-  <merge>/             uniform_soup, task_arithmetic, ties_merge, dare (combine='ties'), breadcrumbs and
-                       model_stock of the fine-tunes (transform jobs, base from their init_from); the
-                       scale (lambda) of the task-vector methods is chosen on the tasks' mean `heldout`
-                       accuracy over `merging.scales`
-Every model is evaluated on every task (`heldout` and `test`). Writes results.json (preconditions,
-claims, per-seed rows, aggregates), results.md and merging.png into the workdir.
+  pretrain       trained from scratch on `merging.pretrain_task` (`mixed`: each image under one transformation)
+  ft_<task>      one fine-tune per task from it
+  <merge>        uniform_soup, task_arithmetic, ties, dare_ties, breadcrumbs, model_stock of the fine-tunes
+                 (transform stages); the scale of the task-vector merges is chosen on the tasks' mean `heldout`
+                 accuracy over `merging.scales` (in memory, before the stage)
+
+Every model is evaluated on every task. Preconditions: each fine-tune beats the pre-trained model on its task by
+`min_gain`; the tasks interfere (own-task minus other-task accuracy at least `min_interference`). Claims: TIES,
+DARE-TIES and breadcrumbs beat task arithmetic (every seed, by `min_effect` on average). Writes
+results.json/md and merging.png.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
-
-import jax
 import ml_collections
 import numpy as np
 
-from jaxlab import checkpoint, pipelines, transforms
+from jaxlab import checkpoint, configs, pipelines, transforms
 from jaxlab.data import digits_task
-from jaxlab.transforms import engine, soups
+from jaxlab.experiments import Experiment, Report, TrainStage, TransformStage, aggregate, lookup, pm, report
+from jaxlab.transforms import soups
 
 SPLITS = ("heldout", "test")
-EPS = 1e-9  # accuracies are ratios of counts: a gain of exactly the threshold (e.g. 36/360) passes
-
-
-TASKS = digits_task.TASKS
-build_task = digits_task.build
-
-
-# ----------------------------------------------------------------------------
-# Stages
-# ----------------------------------------------------------------------------
-
-
-def _train_config(config, task: str, **over) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.job = "train"
-  for k in ("merging", "pipeline"):
-    if k in c:
-      del c[k]
-  c.data.name = "digits_task"
-  c.data.task = task
-  c.eval_splits = ("heldout",)
-  c.final_eval_splits = SPLITS
-  for key, value in over.items():
-    node = c
-    parts = key.split(".")
-    for p in parts[:-1]:
-      node = node[p]
-    node[parts[-1]] = value
-  return c
-
-
-class TaskEvaluator:
-  """Accuracy of (params, model_state) on every task's splits; one compiled eval step per architecture."""
-
-  def __init__(self, data_cfg, tasks):
-    self.tasks = tuple(tasks)
-    self.datasets = {t: build_task(ml_collections.ConfigDict({**data_cfg.to_dict(), "task": t})) for t in tasks}
-    self._ev = {}
-
-  def __call__(self, module, params, model_state, splits=SPLITS, heads=None) -> dict[str, dict[str, float]]:
-    """`heads`: optional `{task: head params}`; task t is then evaluated with `params['head'] = heads[t]`."""
-    out = {}
-    for t in self.tasks:
-      out[t] = {}
-      p = {**params, "head": heads[t]} if heads and t in heads else params
-      for s in splits:
-        if (t, s) not in self._ev:
-          self._ev[(t, s)] = soups.Evaluator(module, self.datasets[t], s)
-        out[t][s] = self._ev[(t, s)](p, model_state)
-    return out
-
-  def path(self, path: str, heads=None) -> dict[str, dict[str, float]]:
-    ld = checkpoint.load(path)
-    return self(ld.module, ld.params, ld.model_state, heads=heads)
-
-
-def _transform(workdir: str, name: str, transform: str, inputs: list[str], args: dict) -> dict:
-  """Runs a transform job into `<workdir>/<name>` unless done; returns its record."""
-  out = os.path.join(workdir, name)
-  done = os.path.join(out, "transform.json")
-  if os.path.exists(done):
-    with open(done) as f:
-      return json.load(f)
-  res = engine.to_jsonable(
-    engine.run(ml_collections.ConfigDict({"transform": transform, "inputs": tuple(inputs), "args": dict(args)}), out)
-  )
-  with open(done, "w") as f:
-    json.dump(res, f, indent=2)
-  return res
+CLAIMS = (("ties", "TIES (Yadav et al. 2023)"), ("dare_ties", "DARE (Yu et al. 2024) with TIES"),
+          ("breadcrumbs", "Model breadcrumbs (Davari & Belilovsky 2024)"))
 
 
 def merge_specs(mc) -> list[tuple[str, str, dict, bool]]:
   """(row name, transform, fixed args, scale searched on held-out) of every merge in the comparison."""
-  return [
-    ("uniform_soup", "uniform_soup", {}, False),
-    ("task_arithmetic", "task_arithmetic", {}, True),
-    ("ties", "ties_merge", {"density": str(mc.ties_density)}, True),
-    ("dare_ties", "dare", {"density": str(mc.dare_density), "combine": "ties", "seed": 0}, True),
-    ("breadcrumbs", "breadcrumbs", {"density": str(mc.breadcrumbs_density), "gamma": str(mc.breadcrumbs_gamma)}, True),
-    ("model_stock", "model_stock", {}, False),
-  ]
+  return [("uniform_soup", "uniform_soup", {}, False), ("task_arithmetic", "task_arithmetic", {}, True),
+          ("ties", "ties_merge", {"density": str(mc.ties_density)}, True),
+          ("dare_ties", "dare", {"density": str(mc.dare_density), "combine": "ties", "seed": 0}, True),
+          ("breadcrumbs", "breadcrumbs", {"density": str(mc.breadcrumbs_density),
+                                          "gamma": str(mc.breadcrumbs_gamma)}, True),
+          ("model_stock", "model_stock", {}, False)]
 
 
-def _mean_acc(accs: dict, split: str, tasks) -> float:
-  return float(np.mean([accs[t][split] for t in tasks]))
+def task_evaluator(data_cfg, tasks):
+  """`fn(module, params, model_state, splits, heads)` -> {task: {split: accuracy}}; with `heads` ({task: head
+  params}) task t is evaluated with `params['head'] = heads[t]`. One compiled eval step per task and split."""
+  sets = {t: digits_task.build(ml_collections.ConfigDict({**data_cfg.to_dict(), "task": t})) for t in tasks}
+  steps = {}
+
+  def accs(module, params, model_state, splits=SPLITS, heads=None):
+    out = {}
+    for t in tasks:
+      p = {**params, "head": heads[t]} if heads and t in heads else params
+      for s in splits:
+        if (t, s) not in steps:
+          steps[(t, s)] = soups.Evaluator(module, sets[t], s)
+        out.setdefault(t, {})[s] = steps[(t, s)](p, model_state)
+    return out
+  return accs
 
 
-def run_seed(config, workdir: str, seed: int, evaluator: TaskEvaluator) -> list[dict]:
-  """Pre-trains, fine-tunes and merges for one seed; returns one row per model with per-task accuracies."""
-  mc = config.merging
-  wd = os.path.join(workdir, f"seed_{seed}")
-  pre_cfg = _train_config(
-    config,
-    str(mc.pretrain_task),
-    **{
-      "seed": seed,
-      "total_steps": int(mc.pretrain_steps),
-      "optimizer.lr": float(mc.pretrain_lr),
-      "optimizer.warmup_steps": int(mc.pretrain_warmup),
-    },
-  )
-  pipelines.stage(wd, "pretrain", pre_cfg)
-  pre_path = os.path.join(wd, "pretrain")
-  rows = [{"name": "pretrained", "kind": "pretrained", "seed": seed, "accs": evaluator.path(pre_path)}]
-  paths = []
+def _row(name, seed, accs, tasks, **fields) -> dict:
+  """A result row: per-task accuracies (`accs`, `test_<task>`) and their mean over `tasks` (`test_acc`)."""
+  return {"name": name, "seed": seed, **fields, "accs": accs,
+          "test_acc": float(np.mean([accs[t]["test"] for t in tasks])), **{f"test_{t}": accs[t]["test"] for t in tasks}}
+
+
+def run_seed(exp: Experiment, seed: int, evaluate) -> list[dict]:
+  """Pre-trains, fine-tunes and merges for one seed; returns one row per model."""
+  mc, wd = exp.section, f"seed_{seed}"
+
+  def load(name, heads=None):  # every task's accuracies of stage `name`'s checkpoint
+    ld = checkpoint.load(exp.path(f"{wd}/{name}"))
+    return evaluate(ld.module, ld.params, ld.model_state, heads=heads)
+
+  exp.run(TrainStage(f"{wd}/pretrain", {"seed": seed, "data.task": mc.pretrain_task, "total_steps": mc.pretrain_steps,
+                                        "optimizer.lr": mc.pretrain_lr, "optimizer.warmup_steps": mc.pretrain_warmup}))
+  rows = [_row("pretrained", seed, load("pretrain"), mc.tasks, kind="pretrained")]
   for k, task in enumerate(mc.tasks):
-    ft_cfg = _train_config(
-      config,
-      task,
-      **{
-        "seed": 100 * seed + k + 1,
-        "total_steps": int(mc.finetune_steps),
-        "optimizer.lr": float(mc.finetune_lr),
-        "optimizer.warmup_steps": int(mc.finetune_warmup),
-        "init_from.path": pre_path,
-      },
-    )
-    pipelines.stage(wd, f"ft_{task}", ft_cfg)
-    paths.append(os.path.join(wd, f"ft_{task}"))
-    rows.append(
-      {"name": f"ft_{task}", "kind": "fine-tune", "task": task, "seed": seed, "accs": evaluator.path(paths[-1])}
-    )
-  module = checkpoint.load(pre_path).module
+    exp.run(TrainStage(f"{wd}/ft_{task}", {
+        "seed": 100 * seed + k + 1, "data.task": task, "total_steps": mc.finetune_steps, "optimizer.lr": mc.finetune_lr,
+        "optimizer.warmup_steps": mc.finetune_warmup, "init_from.path": exp.path(f"{wd}/pretrain")}))
+    rows.append(_row(f"ft_{task}", seed, load(f"ft_{task}"), mc.tasks, kind="fine-tune", task=task))
+  paths = [exp.path(f"{wd}/ft_{t}") for t in mc.tasks]
+  module = checkpoint.load(paths[0]).module
   # as in the papers, each task keeps its own fine-tune's classification head; the rest is merged
   heads = {t: checkpoint.load(p).params["head"] for t, p in zip(mc.tasks, paths)} if mc.task_heads else None
   for name, transform, args, search in merge_specs(mc):
-    search_log = []
-    if search:  # in memory: the scale with the best mean held-out accuracy over the tasks
-      for s in mc.scales:
-        out = transforms.apply(transform, paths, {**args, "scale": str(s)})
-        params = out.theta  # identity parameterization (plain fine-tunes)
-        acc = evaluator(module, params, out.model_state, ("heldout",), heads=heads)
-        search_log.append({"scale": float(s), "heldout_mean": _mean_acc(acc, "heldout", mc.tasks)})
-      best = max(search_log, key=lambda r: r["heldout_mean"])  # first best on ties: the smallest scale
-      args = {**args, "scale": str(best["scale"])}
-    rec = _transform(wd, name, transform, paths, args)
-    rows.append(
-      {
-        "name": name,
-        "kind": "merge",
-        "seed": seed,
-        "transform": transform,
-        "args": dict(args),
-        "report": rec["report"],
-        "scale_search": search_log,
-        "accs": evaluator.path(os.path.join(wd, name), heads=heads),
-      }
-    )
+    log = []
+    for s in mc.scales if search else ():  # in memory: the scale with the best mean held-out accuracy
+      out = transforms.apply(transform, paths, {**args, "scale": str(s)})
+      acc = evaluate(module, out.theta, out.model_state, ("heldout",), heads)  # identity parameterization
+      log.append({"scale": float(s), "heldout_mean": float(np.mean([acc[t]["heldout"] for t in mc.tasks]))})
+    args = {**args, "scale": str(max(log, key=lambda r: r["heldout_mean"])["scale"])} if log else args  # first best
+    rec = exp.run(TransformStage(f"{wd}/{name}", transform, paths, args))
+    rows.append(_row(name, seed, load(name, heads), mc.tasks, kind="merge", transform=transform, args=args,
+                     report=rec["report"], scale_search=log))
   return rows
 
 
-# ----------------------------------------------------------------------------
-# Aggregation, preconditions, claims
-# ----------------------------------------------------------------------------
-
-
-def _stats(values) -> dict:
-  v = np.asarray(values, np.float64)
-  return {
-    "mean": float(v.mean()),
-    "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-    "n": int(len(v)),
-    "values": v.tolist(),
-  }
-
-
-def aggregate(rows: list[dict], tasks, seeds) -> dict:
-  """Mean and sample std (ddof=1) over seeds of each model's per-task and average test accuracy; the
-  per-task upper bound is each task's own fine-tune on that task."""
-  names = list(dict.fromkeys(r["name"] for r in rows))
+def upper_bound(rows: list[dict], tasks) -> list[dict]:
+  """Per seed, each task's own fine-tune on that task (the per-task upper bound), as rows named 'upper_bound'."""
   by = {(r["name"], r["seed"]): r for r in rows}
-  out = {}
-  for n in names:
-    per_task = {t: _stats([by[(n, s)]["accs"][t]["test"] for s in seeds]) for t in tasks}
-    avg = _stats([np.mean([by[(n, s)]["accs"][t]["test"] for t in tasks]) for s in seeds])
-    out[n] = {"test": per_task, "avg_test": avg}
-  up = {t: _stats([by[(f"ft_{t}", s)]["accs"][t]["test"] for s in seeds]) for t in tasks}
-  out["upper_bound"] = {
-    "test": up,
-    "avg_test": _stats([np.mean([by[(f"ft_{t}", s)]["accs"][t]["test"] for t in tasks]) for s in seeds]),
-  }
-  return out
+  return [_row("upper_bound", s, {t: by[(f"ft_{t}", s)]["accs"][t] for t in tasks}, tasks)
+          for s in dict.fromkeys(r["seed"] for r in rows)]
 
 
 def preconditions(rows: list[dict], tasks, seeds, mc) -> list[dict]:
-  by = {(r["name"], r["seed"]): r for r in rows}
-  out = []
-  for t in tasks:
-    gains = [by[(f"ft_{t}", s)]["accs"][t]["test"] - by[("pretrained", s)]["accs"][t]["test"] for s in seeds]
-    out.append(
-      {
-        "name": f"ft_{t} beats the pretrained model on {t} (min over seeds of the test-accuracy gain)",
-        "value": float(min(gains)),
-        "threshold": float(mc.min_gain),
-        "holds": bool(min(gains) >= mc.min_gain - EPS),
-      }
-    )
-  gaps = []
-  for t in tasks:
-    for s in seeds:
-      accs = by[(f"ft_{t}", s)]["accs"]
-      gaps.append(accs[t]["test"] - np.mean([accs[o]["test"] for o in tasks if o != t]))
-  out.append(
-    {
-      "name": "tasks interfere: a fine-tune's own-task minus other-task test accuracy (mean)",
-      "value": float(np.mean(gaps)),
-      "threshold": float(mc.min_interference),
-      "holds": bool(np.mean(gaps) >= mc.min_interference - EPS),
-    }
-  )
-  return out
+  """Each fine-tune beats the pre-trained model on its task (min over seeds); the tasks interfere."""
+  by = {(r["name"], r["seed"]): r["accs"] for r in rows}
+  out = [report.precondition(f"ft_{t} beats the pretrained model on {t} (min over seeds of the test-accuracy gain)",
+                      min(by[(f"ft_{t}", s)][t]["test"] - by[("pretrained", s)][t]["test"] for s in seeds),
+                      mc.min_gain) for t in tasks]
+  gaps = [by[(f"ft_{t}", s)][t]["test"] - np.mean([by[(f"ft_{t}", s)][o]["test"] for o in tasks if o != t])
+          for t in tasks for s in seeds]
+  return out + [report.precondition("tasks interfere: a fine-tune's own-task minus other-task test accuracy (mean)",
+                             float(np.mean(gaps)), mc.min_interference)]
 
 
 def claims(rows: list[dict], pre: list[dict], tasks, seeds, min_effect: float = 0.01) -> list[dict]:
-  """The papers' claims that their method beats task arithmetic when tasks interfere (average test accuracy,
-  paired by seed): holds when every seed's difference is positive and the mean difference is at least
-  `min_effect` (differences of a few test images change with float-level changes to training)."""
-  ok = all(p["holds"] for p in pre)
-  by = {(r["name"], r["seed"]): r for r in rows}
-
-  def avg(n, s):
-    return float(np.mean([by[(n, s)]["accs"][t]["test"] for t in tasks]))
-
+  """Each method beats task arithmetic on average test accuracy, paired by seed: every seed's difference positive
+  and the mean at least `min_effect` (differences of a few test images move with float-level changes)."""
+  by = {(r["name"], r["seed"]): r["test_acc"] for r in rows}
   out = []
-  for method, paper in (
-    ("ties", "TIES (Yadav et al. 2023)"),
-    ("dare_ties", "DARE (Yu et al. 2024) with TIES"),
-    ("breadcrumbs", "Model breadcrumbs (Davari & Belilovsky 2024)"),
-  ):
-    claim = f"{paper} beats task arithmetic on average accuracy when the tasks interfere"
-    if not ok:
-      failed = ", ".join(p["name"] for p in pre if not p["holds"])
-      out.append({"claim": claim, "verdict": "not tested", "evidence": f"precondition failed: {failed}"})
-      continue
-    diffs = [avg(method, s) - avg("task_arithmetic", s) for s in seeds]
-    holds = np.mean(diffs) >= min_effect - EPS and all(d > 0 for d in diffs)
-    out.append(
-      {
-        "claim": claim,
-        "verdict": "holds" if holds else "does not hold",
-        "evidence": f"{method} minus task_arithmetic, average test accuracy per seed: "
-        + ", ".join(f"{100 * d:+.1f} pp" for d in diffs)
-        + f" (mean {100 * np.mean(diffs):+.1f} pp, sample std "
-        + f"{100 * np.std(diffs, ddof=1) if len(diffs) > 1 else 0:.1f} pp; holds if every seed > 0 and the mean "
-        + f">= {100 * min_effect:.1f} pp)",
-      }
-    )
+  for method, paper in CLAIMS:
+    d = np.array([by[(method, s)] - by[("task_arithmetic", s)] for s in seeds])
+    std = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+    out.append(report.claim(f"{paper} beats task arithmetic on average accuracy when the tasks interfere",
+                     bool(d.mean() >= min_effect - 1e-9 and (d > 0).all()),
+                     f"{method} minus task_arithmetic, average test accuracy per seed: "
+                     + ", ".join(f"{100 * x:+.1f} pp" for x in d) + f" (mean {100 * d.mean():+.1f} pp, sample std "
+                     f"{100 * std:.1f} pp; holds if every seed > 0 and the mean >= {100 * min_effect:.1f} pp)",
+                     requires=pre))
   return out
-
-
-# ----------------------------------------------------------------------------
-# The pipeline
-# ----------------------------------------------------------------------------
 
 
 @pipelines.register("merging")
@@ -296,168 +143,63 @@ def run(config, workdir: str) -> dict:
   Raises:
     ValueError: a bad `config.merging` entry (unknown task, fewer than two tasks, no seeds or scales).
   """
-  t0 = time.time()
-  config = pipelines.normalized(config, "merging", {"tasks": str, "seeds": int, "scales": float})
-  mc = config.merging
+  exp = Experiment(config, workdir, section="merging")
+  mc = exp.section
+  for key, kind in dict(tasks=str, seeds=int, scales=float).items():
+    mc[key] = configs.as_tuple(mc[key], kind)
   for t in (*mc.tasks, mc.pretrain_task):
-    if t not in TASKS:
-      raise ValueError(f"config.merging.tasks: unknown task {t!r}; known: {', '.join(TASKS)}")
-  if len(mc.tasks) < 2:
-    raise ValueError("config.merging.tasks: merging needs at least two tasks")
-  if not mc.seeds or not mc.scales:
-    raise ValueError("config.merging.seeds and config.merging.scales must not be empty")
-  os.makedirs(workdir, exist_ok=True)
-  tasks = tuple(mc.tasks)
-  all_tasks = tuple(dict.fromkeys((mc.pretrain_task, *tasks)))
-  evaluator = TaskEvaluator(config.data, all_tasks)
-  rows = []
-  for seed in mc.seeds:
-    rows += run_seed(config, workdir, int(seed), evaluator)
-  seeds = [int(s) for s in mc.seeds]
-  agg = aggregate(rows, tasks, seeds)
-  pre = preconditions(rows, tasks, seeds, mc)
-  result = {
-    "tasks": list(tasks),
-    "pretrain_task": mc.pretrain_task,
-    "seeds": seeds,
-    "preconditions": pre,
-    "claims": claims(rows, pre, tasks, seeds, float(mc.min_effect)),
-    "aggregate": agg,
-    "rows": rows,
-    "std": "sample std over seeds (ddof=1)",
-    "wall_s": time.time() - t0,
-    "machine": f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPU cores",
-    "command": pipelines.command("merging.py", workdir),
-    "config": json.loads(config.to_json_best_effort()),
-  }
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(results_markdown(result))
-  plot(result, os.path.join(workdir, "merging.png"))
-  return {
-    "workdir": os.path.abspath(workdir),
-    "wall_s": time.time() - t0,
-    **{f"{n}_avg_test": a["avg_test"]["mean"] for n, a in agg.items()},
-    "verdicts": [c["verdict"] for c in result["claims"]],
-  }
-
-
-ORDER = (
-  "pretrained",
-  "ft_*",
-  "upper_bound",
-  "uniform_soup",
-  "task_arithmetic",
-  "ties",
-  "dare_ties",
-  "breadcrumbs",
-  "model_stock",
-)
-
-
-def _ordered(agg: dict) -> list[str]:
-  out = []
-  for o in ORDER:
-    out += sorted(n for n in agg if n.startswith("ft_")) if o == "ft_*" else [o] if o in agg else []
-  return out
-
-
-def results_markdown(result: dict) -> str:
-  """Tables (mean +- sample std over seeds, ddof=1), preconditions and claims as markdown."""
-  tasks, agg, cfg = result["tasks"], result["aggregate"], result["config"]["merging"]
-  pm = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
-  lines = [
-    "# Model merging on conflicting digit tasks (jaxlab)",
-    "",
-    f"Command: `{result['command']}`",
-    "",
-    f"Pre-trained on `{result['pretrain_task']}` digits for {cfg['pretrain_steps']} steps; one fine-tune of "
-    f"{cfg['finetune_steps']} steps per task ({', '.join(tasks)}); seeds {result['seeds']}. Test accuracy "
-    f"(%) on each task's 360 test images, mean ± sample std over {len(result['seeds'])} seeds (ddof=1). "
-    "Scales (lambda) of the task-vector merges chosen on the mean held-out accuracy (180 images per task) "
-    f"over {cfg['scales']}. TIES density {cfg['ties_density']}, DARE density {cfg['dare_density']} "
-    f"(combine 'ties'), breadcrumbs density {cfg['breadcrumbs_density']} gamma {cfg['breadcrumbs_gamma']}. "
-    f"Machine: {result['machine']}, shared with other jobs; wall time {result['wall_s'] / 60:.1f} min.",
-    "",
-    "| model | average | " + " | ".join(tasks) + " |",
-    "|---|---|" + "---|" * len(tasks),
-  ]
-  for n in _ordered(agg):
-    label = "per-task upper bound (each task's own fine-tune)" if n == "upper_bound" else n
-    lines.append(
-      f"| {label} | **{pm(agg[n]['avg_test'])}** | " + " | ".join(pm(agg[n]["test"][t]) for t in tasks) + " |"
-    )
-  scales = {}
-  for r in result["rows"]:
+    digits_task.check_task(t, "config.merging.tasks")
+  if len(mc.tasks) < 2 or not mc.seeds or not mc.scales:
+    raise ValueError("config.merging: needs at least two tasks, and seeds and scales must not be empty")
+  evaluate = task_evaluator(exp.base.data, tuple(dict.fromkeys((mc.pretrain_task, *mc.tasks))))
+  rep = Report(exp, "Model merging on conflicting digit tasks (jaxlab)")
+  rep.rows = [r for seed in mc.seeds for r in run_seed(exp, seed, evaluate)]
+  rep.preconditions = preconditions(rep.rows, mc.tasks, mc.seeds, mc)
+  rep.claims = claims(rep.rows, rep.preconditions, mc.tasks, mc.seeds, float(mc.min_effect))
+  groups = {v: aggregate(rep.rows + upper_bound(rep.rows, mc.tasks), value=v)
+            for v in ("test_acc", *(f"test_{t}" for t in mc.tasks))}
+  rep.extra.update(tasks=list(mc.tasks), aggregate=groups)
+  names = [g["name"] for g in groups["test_acc"]]  # pretrained, ft_*, merges, upper_bound
+  names.insert(1 + len(mc.tasks), names.pop())  # the upper bound beside the fine-tunes
+  rep.text(f"Pre-trained on `{mc.pretrain_task}` digits for {mc.pretrain_steps} steps (lr {mc.pretrain_lr}); one "
+           f"fine-tune of {mc.finetune_steps} steps (lr {mc.finetune_lr}) per task ({', '.join(mc.tasks)}); seeds "
+           f"{list(mc.seeds)}. Accuracy on each task's test images. Scales (lambda) of the task-vector merges chosen "
+           f"on the mean held-out accuracy over {list(mc.scales)}. TIES density {mc.ties_density}, DARE density "
+           f"{mc.dare_density} (combine 'ties'), breadcrumbs density {mc.breadcrumbs_density} gamma "
+           f"{mc.breadcrumbs_gamma}; merges evaluated with {'each task' if mc.task_heads else 'the merged'} head.")
+  label = {"upper_bound": "per-task upper bound (each task's own fine-tune)"}
+  rep.table(("model", "average", *mc.tasks), [(label.get(n, n), f"**{pm(lookup(groups['test_acc'], name=n))}**",
+                                              *(pm(lookup(groups[f"test_{t}"], name=n)) for t in mc.tasks))
+                                             for n in names], caption="Test accuracy (%)")
+  chosen = {}
+  for r in rep.rows:
     if r.get("scale_search"):
-      scales.setdefault(r["name"], []).append(float(r["args"]["scale"]))
-  lines += [
-    "",
-    "Chosen scales per seed: " + "; ".join(f"{n} {v}" for n, v in scales.items()) + ".",
-    "",
-    "## Preconditions",
-    "",
-    "| precondition | value | threshold | holds |",
-    "|---|---|---|---|",
-  ]
-  for p in result["preconditions"]:
-    lines.append(f"| {p['name']} | {p['value']:.3f} | {p['threshold']:.3f} | {p['holds']} |")
-  lines += ["", "## Claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
-  for c in result["claims"]:
-    lines.append(f"| {c['claim']} | **{c['verdict']}** | {c['evidence']} |")
-  return "\n".join(lines) + "\n"
+      chosen.setdefault(r["name"], []).append(float(r["args"]["scale"]))
+  rep.text("Chosen scales per seed: " + "; ".join(f"{n} {v}" for n, v in chosen.items()) + ".")
+  rep.figure("merging.png", lambda axes: _plot(axes, groups, names, mc.tasks), ncols=2, size=(7, 4.5))
+  res = rep.write()
+  return {"workdir": exp.workdir, "verdicts": [c["verdict"] for c in res["claims"]],
+          **{f"{g['name']}_avg_test": g["mean"] for g in groups["test_acc"]}}
 
 
-def plot(result: dict, path: str) -> None:
-  """Average test accuracy per model (bars, sample-std error bars) and per-task accuracy of the merges."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  agg, tasks = result["aggregate"], result["tasks"]
-  names = _ordered(agg)
-  fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-  means = [100 * agg[n]["avg_test"]["mean"] for n in names]
-  stds = [100 * agg[n]["avg_test"]["std"] for n in names]
-  colors = [
-    "gray"
-    if n == "pretrained"
-    else "tab:blue"
-    if n.startswith("ft_")
-    else "black"
-    if n == "upper_bound"
-    else "tab:orange"
-    for n in names
-  ]
-  axes[0].bar(range(len(names)), means, yerr=stds, color=colors, capsize=3)
+def _plot(axes, groups: dict, names: list[str], tasks) -> None:
+  """Average test accuracy per model (sample-std error bars) and per-task accuracy of the merges."""
+  avg = [lookup(groups["test_acc"], name=n) for n in names]
+  colors = ["gray" if n == "pretrained" else "tab:blue" if n.startswith("ft_") else "black" if n == "upper_bound"
+            else "tab:orange" for n in names]
+  axes[0].bar(range(len(names)), [100 * g["mean"] for g in avg], yerr=[100 * g["std"] for g in avg], color=colors,
+              capsize=3)
   axes[0].set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-  axes[0].set_ylabel("average test accuracy over tasks (%)")
-  axes[0].set_title("mean ± sample std over seeds")
+  axes[0].set(ylabel="average test accuracy over tasks (%)", title="mean ± sample std over seeds")
   merges = [n for n in names if n not in ("pretrained", "upper_bound") and not n.startswith("ft_")]
-  width = 0.8 / max(len(merges), 1)
-  for k, n in enumerate(merges):
-    axes[1].bar(
-      np.arange(len(tasks)) + k * width,
-      [100 * agg[n]["test"][t]["mean"] for t in tasks],
-      width,
-      yerr=[100 * agg[n]["test"][t]["std"] for t in tasks],
-      label=n,
-      capsize=2,
-    )
-  axes[1].plot(
-    np.arange(len(tasks)) + 0.4 - width / 2,
-    [100 * agg["upper_bound"]["test"][t]["mean"] for t in tasks],
-    "k_",
-    markersize=30,
-    label="own fine-tune",
-  )
-  axes[1].set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
-  axes[1].set_ylabel("test accuracy (%)")
+  width, x = 0.8 / max(len(merges), 1), np.arange(len(tasks))
+  for k, n in enumerate(merges + ["upper_bound"]):
+    got = [lookup(groups[f"test_{t}"], name=n) for t in tasks]
+    if n == "upper_bound":
+      axes[1].plot(x + 0.4 - width / 2, [100 * g["mean"] for g in got], "k_", markersize=30, label="own fine-tune")
+    else:
+      axes[1].bar(x + k * width, [100 * g["mean"] for g in got], width, yerr=[100 * g["std"] for g in got], label=n,
+                  capsize=2)
+  axes[1].set_xticks(x + 0.4 - width / 2, tasks)
+  axes[1].set(ylabel="test accuracy (%)")
   axes[1].legend(fontsize=7)
-  for ax in axes:
-    ax.grid(alpha=0.3, axis="y")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
