@@ -6,7 +6,10 @@ The graph is built from the source with `ast`, without importing anything. Nodes
 to module `b`: `from jaxlab.models import vit` points at `jaxlab.models.vit` when that is a module, else at
 `jaxlab.models`. Importing `jaxlab.models.vit` also runs `jaxlab/models/__init__.py` first; that implicit edge to
 the parent package is not counted, so a package may import its own submodules (to register them) while those
-submodules import their siblings. Imports under `if TYPE_CHECKING:` never run and are not counted.
+submodules import their siblings. Imports under `if TYPE_CHECKING:` never run and are not counted. A registry's
+discovery (`jaxlab.registry.Registry.discover`: `importlib` by name, at the first lookup) is not an edge either:
+every plug-in imports its registry to register, and the registry imports its plug-ins only after every module
+involved has finished loading; that is the plug-in mechanism, not a cycle to break.
 """
 
 from __future__ import annotations
