@@ -90,9 +90,17 @@ def _describe(x) -> str:
   return f"{getattr(x, 'dtype', type(x).__name__)}{list(np.shape(x))}"
 
 
+def _shape(x) -> list[int]:
+  """The shape of an array-like, or `x` itself when it is a shape (a tuple or list of ints)."""
+  if isinstance(x, (tuple, list)) and all(isinstance(d, (int, np.integer)) for d in x):
+    return [int(d) for d in x]
+  return list(np.shape(x))
+
+
 def shape_difference(name: str, want, have, sides: tuple[str, str] = ("expected", "got")) -> str:
-  """One difference line: `shape of <name>: expected [..], got [..]` (`sides` names the two trees)."""
-  return f"shape of {name}: {sides[0]} {list(np.shape(want))}, {sides[1]} {list(np.shape(have))}"
+  """One difference line: `shape of <name>: expected [..], got [..]`; `want`/`have` are arrays or shapes and
+  `sides` names the two trees."""
+  return f"shape of {name}: {sides[0]} {_shape(want)}, {sides[1]} {_shape(have)}"
 
 
 def diff(reference: PyTree, other: PyTree, *, check_dtype: bool = True,

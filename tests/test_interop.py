@@ -221,10 +221,10 @@ def test_mis_named_and_mis_shaped_files_are_refused_with_one_line(tmp_path):
     jobs.import_file(path, num_heads=2)
   msg = str(e.value)
   assert "\n" not in msg
-  assert "1 missing: blocks.1.mlp.fc2.bias" in msg and "1 unexpected: blocks.1.mlp.fc2.b" in msg
+  assert "(1 missing, 1 unexpected, 0 mis-shaped): missing blocks.1.mlp.fc2.bias; unexpected blocks.1.mlp.fc2.b;" in msg
   assert "config.skip_unexpected" in msg and "config.init_missing" in msg
   # a head for another number of classes: refused, unless the head is initialised fresh
-  with pytest.raises(names.NameMapError, match=r"mis-shaped: head.weight \[5, 24\] \(model needs \[7, 24\]\)"):
+  with pytest.raises(names.NameMapError, match=r"shape of head.weight: model \[7, 24\], file \[5, 24\]"):
     _import("vit_token.safetensors", num_classes=7)
   imp = _import("vit_token.safetensors", num_classes=7, init_missing=("params/head/.*",))
   assert imp.theta["head"]["kernel"].shape == (24, 7)
@@ -266,7 +266,7 @@ def test_import_and_export_jobs_smoke_and_bad_input_through_main(tmp_path):
   )
   assert r.returncode == 2
   errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-  assert len(errors) == 1 and "mis-shaped: blocks.0.attn.qkv.weight [7, 24] (model needs [72, 24])" in errors[0]
+  assert len(errors) == 1 and "shape of blocks.0.attn.qkv.weight: model [72, 24], file [7, 24]" in errors[0]
   assert not (tmp_path / "bad_out").exists() and readers.sha256(bad) == before
 
 

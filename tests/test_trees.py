@@ -48,6 +48,7 @@ def test_one_mismatch_format_everywhere():
   assert trees.mismatch_message("w", lines[:trees.MISMATCH_SHOWN]) == "w: " + "; ".join(lines[:5])
   assert trees.shape_difference("a/k", np.zeros((2, 3)), np.zeros(4), ("model", "checkpoint")) == (
       "shape of a/k: model [2, 3], checkpoint [4]")
+  assert trees.shape_difference("h", (7, 24), [5, 24]) == "shape of h: expected [7, 24], got [5, 24]"  # shapes
   # merge and check_same_structure raise the same format, capped at the same length
   inited = {f"k{i}": np.zeros(2) for i in range(7)}
   with pytest.raises(trees.TreeMismatchError) as e:

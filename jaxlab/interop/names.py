@@ -107,11 +107,6 @@ class NameMapError(ValueError):
   """A foreign file whose tensors do not match the name map (missing, unexpected or mis-shaped)."""
 
 
-def _listing(items: Sequence[str], n: int = 4) -> str:
-  more = f" and {len(items) - n} more" if len(items) > n else ""
-  return ", ".join(items[:n]) + more
-
-
 def check(
   path: str,
   present: dict[str, tuple[int, ...]],
@@ -142,24 +137,18 @@ def check(
   missing = [k for k in expected if k not in present and k not in allowed]
   unexpected = [k for k in present if k not in expected and trees.first_match(k, skip_unexpected) is None]
   shaped = [
-    f"{k} {list(present[k])} (model needs {list(expected[k])})"
+    trees.shape_difference(k, expected[k], present[k], ("model", "file"))
     for k in expected
     if k in present and expected[k] is not None and tuple(present[k]) != tuple(expected[k]) and k not in allowed
   ]
   if missing or unexpected or shaped:
-    parts = []
-    if missing:
-      parts.append(f"{len(missing)} missing: {_listing(missing)}")
-    if unexpected:
-      parts.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
-    if shaped:
-      parts.append(f"{len(shaped)} mis-shaped: {_listing(shaped, 3)}")
-    raise NameMapError(
-      f"{path}: tensors do not match the {map_name or 'name'} map ({'; '.join(parts)}); check "
-      "config.family and the model keys (num_heads, image_size, num_classes, ...), or allow them with "
+    raise NameMapError(trees.mismatch_message(
+      f"{path}: tensors do not match the {map_name or 'name'} map ({len(missing)} missing, {len(unexpected)} "
+      f"unexpected, {len(shaped)} mis-shaped)",
+      [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + shaped,
+      "check config.family and the model keys (num_heads, image_size, num_classes, ...), or allow them with "
       "config.skip_unexpected (regexes of file keys to ignore) / config.init_missing (regexes of jaxlab "
-      "paths to initialise fresh, e.g. 'params/head/.*')"
-    )
+      "paths to initialise fresh, e.g. 'params/head/.*')"))
   skipped = [k for k in present if k not in expected]
   missing_allowed = [
     k for k in expected if k not in present or (expected[k] is not None and tuple(present[k]) != tuple(expected[k]))
