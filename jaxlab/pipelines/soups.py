@@ -56,12 +56,10 @@ def run(config, workdir: str) -> dict:
   sc, seed = exp.section, int(exp.base.seed)
   if int(sc.num_ingredients) + (float(sc.high_lr) > 0) < 2:
     raise ValueError("config.soups.num_ingredients: a soup needs at least two ingredients")
-  ds = data.get_dataset(exp.base.data)
-  evaluators: dict = {}
+  ds, evaluators, rows = data.get_dataset(exp.base.data), {}, []
 
-  def accs(params, model_state, module) -> dict[str, float]:
-    for s in SPLITS:
-      evaluators.setdefault(s, soups.Evaluator(module, ds, s))
+  def accs(params, model_state, module) -> dict[str, float]:  # one compiled evaluator per split
+    evaluators.update({s: soups.Evaluator(module, ds, s) for s in SPLITS if s not in evaluators})
     return {s: evaluators[s](params, model_state) for s in SPLITS}
 
   def row(name: str, kind: str, a: dict, params: int, row_seed: int = seed, **extra) -> dict:
@@ -69,35 +67,35 @@ def run(config, workdir: str) -> dict:
                  "shift_acc": a["test_shift"], "params": int(params), **extra})
     return rows[-1]
 
-  def stage_accs(summary: dict) -> dict:
-    return {s: summary["metrics"][s]["accuracy"] for s in SPLITS}
+  def trained(name: str, overrides: dict, kind: str, label: str = "", row_seed: int = seed, **extra) -> dict:
+    summary = exp.run(TrainStage(name, overrides))
+    row(label or name, kind, {s: summary["metrics"][s]["accuracy"] for s in SPLITS}, summary["params"], row_seed,
+        **extra)
+    return summary
 
   def soup(name: str, transform: str, inputs: list[str], args: dict | None = None, **extra) -> dict:
-    out = exp.run(TransformStage(name, transform, inputs, args or {}))
+    report = exp.run(TransformStage(name, transform, inputs, args or {}))["report"]
     ld = checkpoint.load(exp.path(name))
-    row(name, "soup", accs(ld.params, ld.model_state, ld.module), n_params, **extra)
-    return out["report"]
+    row(name, "soup", accs(ld.params, ld.model_state, ld.module), rows[0]["params"], **extra)
+    return report
 
   # 1. the shared pre-trained model, 2. the fine-tuning sweep from it
-  rows: list[dict] = []
-  pre = exp.run(TrainStage("pretrain", {"total_steps": int(sc.pretrain_steps), "optimizer.lr": float(sc.pretrain_lr),
-                                        "optimizer.warmup_steps": int(sc.pretrain_warmup)}))
-  n_params = int(pre["params"])
-  row("pretrained", "pretrained", stage_accs(pre), n_params)
+  trained("pretrain", {"total_steps": int(sc.pretrain_steps), "optimizer.lr": float(sc.pretrain_lr),
+                       "optimizer.warmup_steps": int(sc.pretrain_warmup)}, "pretrained", "pretrained")
   hps, paths = sweep(sc, seed), []
   for hp in hps:
-    summ = exp.run(TrainStage(hp["name"], {
+    trained(hp["name"], {
         "seed": hp["seed"], "total_steps": int(sc.finetune_steps), "optimizer.lr": hp["lr"],
         "optimizer.weight_decay": hp["weight_decay"], "optimizer.warmup_steps": int(sc.finetune_warmup),
         "objective.label_smoothing": hp["label_smoothing"], "data.aug_shift": hp["aug_shift"],
-        "data.aug_noise": hp["aug_noise"], "init_from.path": exp.path("pretrain")}))
+        "data.aug_noise": hp["aug_noise"], "init_from.path": exp.path("pretrain")}, "ingredient",
+        row_seed=hp["seed"], hparams=hp)
     paths.append(exp.path(hp["name"]))
-    row(hp["name"], "ingredient", stage_accs(summ), n_params, hp["seed"], hparams=hp)
   ingredients = [r for r in rows if r["kind"] == "ingredient"]
   best = max(ingredients, key=lambda r: r["heldout_acc"])
   best["best_by_heldout"] = True
 
-  # 3. soups (transform stages)
+  # 3. soups (transform stages); 4. learned soup: mixing logits trained on the held-out split by the training loop
   soup("uniform_soup", "uniform_soup", paths, ingredients=len(paths))
   good = [p for p, r in zip(paths, ingredients, strict=True)
           if r["heldout_acc"] >= best["heldout_acc"] - float(sc.good_margin)]
@@ -105,22 +103,20 @@ def run(config, workdir: str) -> dict:
   chosen = [os.path.basename(p) for p in soup("greedy_soup", "greedy_soup", paths, {"accept": str(sc.greedy_accept)})
             ["chosen"]]
   rows[-1].update(ingredients=len(chosen), chosen=chosen)
-
-  # 4. learned soup: mixing logits trained on the held-out split through the one training loop
-  learned = exp.run(TrainStage("learned_soup_train", {
+  learned = trained("learned_soup_train", {
       "seed": seed, "total_steps": int(sc.learned_steps), "optimizer.lr": float(sc.learned_lr),
       "optimizer.weight_decay": 0.0, "optimizer.warmup_steps": 0, "optimizer.schedule": "constant",
       "optimizer.grad_clip": 0.0, "objective.label_smoothing": 0.0, "data.aug_shift": 0, "data.aug_noise": 0.0,
       "data.batch_size": int(sc.learned_batch_size), "data.train_split": "heldout", "model.drop_path": 0.0,
       "parameterization": {"name": "soup_mixture", "ingredients": tuple(paths),
-                           "granularity": str(sc.learned_granularity)}}))
+                           "granularity": str(sc.learned_granularity)}}, "soup", "learned_soup", ingredients=len(paths),
+      trained_on="heldout")
+  rows[-1].update(mixing_params=int(learned["trainable"]), params=rows[0]["params"])
   exp.run(TransformStage("learned_soup", "materialize", [exp.path("learned_soup_train")]))
-  row("learned_soup", "soup", stage_accs(learned), n_params, ingredients=len(paths), trained_on="heldout",
-      mixing_params=int(learned["trainable"]))
 
   # 5. output-space baseline: logit ensemble of every fine-tune (N times the inference cost)
   ens = soups.logit_ensemble(paths, SPLITS)
-  row("logit_ensemble", "ensemble", {s: ens[s]["accuracy"] for s in SPLITS}, n_params * len(paths),
+  row("logit_ensemble", "ensemble", {s: ens[s]["accuracy"] for s in SPLITS}, rows[0]["params"] * len(paths),
       ingredients=len(paths))
 
   # 6. weight-space interpolation between the pre-trained model and the best fine-tune (WiSE-FT)
@@ -134,11 +130,8 @@ def run(config, workdir: str) -> dict:
 
 def report(exp: Experiment, rows: list[dict], hps: list[dict], chosen: list[str], interp: dict, ds) -> dict:
   """The table of every model and soup, the paper's claims and the plot."""
-  sc, cfg = exp.section, exp.base
-  rep = Report(exp, "Model soups on digits (jaxlab)")
-  rep.rows = rows
-  by = {r["name"]: r for r in rows}
-  best = next(r for r in rows if r.get("best_by_heldout"))
+  sc, cfg, rep = exp.section, exp.base, Report(exp, "Model soups on digits (jaxlab)")
+  rep.rows, by, best = rows, {r["name"]: r for r in rows}, next(r for r in rows if r.get("best_by_heldout"))
   base = majority_baseline(ds.splits["test"].arrays["label"])
   rep.text(f"Seed {cfg.seed} (fine-tune seeds 1000+i; sweep drawn from `np.random.default_rng(seed)`). Model: ViT "
            f"width {cfg.model.get('width')}, depth {cfg.model.get('depth')}; {sc.num_ingredients} random-search "
@@ -154,8 +147,8 @@ def report(exp: Experiment, rows: list[dict], hps: list[dict], chosen: list[str]
     out += ["**best individual (held-out)**"] if r.get("best_by_heldout") else []
     out += [f"{r['ingredients']} ingredients"] if r.get("ingredients") else []
     out += ["chosen: " + ", ".join(r["chosen"])] if r.get("chosen") else []
-    out += [f"mixing weights trained on {r['trained_on']} (its held-out acc is a training acc)"] \
-        if r.get("trained_on") else []
+    if r.get("trained_on"):
+      out.append(f"mixing weights trained on {r['trained_on']} (its held-out acc is a training acc)")
     return "; ".join(out)
   rep.table(("model", "kind", "held-out acc", "test acc", "shift acc", "params", "notes"),
             [(r["name"], r["kind"], f"{r['heldout_acc']:.4f}", f"{r['test_acc']:.4f}", f"{r['shift_acc']:.4f}",
@@ -192,18 +185,13 @@ def report(exp: Experiment, rows: list[dict], hps: list[dict], chosen: list[str]
 
 def _plot(axes, rows: list[dict], interp: dict) -> None:
   """Held-out vs test and test vs shift accuracy of every model and soup, and the interpolation curve."""
-  markers = {"uniform_soup": ("*", "tab:green"), "uniform_soup_good": ("P", "tab:olive"),
-             "greedy_soup": ("D", "tab:red"), "learned_soup": ("s", "tab:purple"),
-             "logit_ensemble": ("X", "tab:orange"), "pretrained": ("v", "gray")}
   ing = [r for r in rows if r["kind"] == "ingredient"]
   for ax, (xk, yk) in zip(axes[:2], (("heldout_acc", "test_acc"), ("test_acc", "shift_acc")), strict=True):
     ax.scatter([r[xk] for r in ing], [r[yk] for r in ing], c="tab:blue", alpha=0.6, label="fine-tunes")
-    for r in ing:
-      if r["name"].endswith("high_lr"):
-        ax.annotate("high lr", (r[xk], r[yk]), fontsize=8)
-    for r in (r for r in rows if r["name"] in markers):
-      m, col = markers[r["name"]]
-      ax.scatter([r[xk]], [r[yk]], marker=m, s=120, c=col, label=r["name"], edgecolors="k")
+    for r in ing[-1:] if ing[-1]["name"].endswith("high_lr") else []:
+      ax.annotate("high lr", (r[xk], r[yk]), fontsize=8)
+    for r, m in zip((r for r in rows if r["kind"] != "ingredient"), "v*PDsX", strict=False):
+      ax.scatter([r[xk]], [r[yk]], marker=m, s=120, label=r["name"], edgecolors="k")
     ax.set(xlabel=xk.replace("_", " "), ylabel=yk.replace("_", " "))
   axes[0].legend(fontsize=7)
   for s in SPLITS:
