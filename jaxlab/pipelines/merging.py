@@ -1,24 +1,17 @@
 """Pipeline `merging`: one pre-trained model, fine-tunes on conflicting digit tasks, merges compared.
 
-Tasks are the digits under a fixed input transformation (data set `digits_task`, jaxlab/data/digits_task.py):
-inverted, rotated by 90 degrees, mirrored, pixel-permuted (`merging.tasks`). Each needs different features, so a
-fine-tune on one does poorly on the others: the tasks interfere, the setting in which TIES and DARE claim to beat
-task arithmetic. As in the papers, a merge is evaluated on task t with the head of t's fine-tune
-(`merging.task_heads`). Stages per seed, in `seed_<s>/`:
-
-  pretrain       trained from scratch on `merging.pretrain_task` (`mixed`: each image under one transformation)
-  ft_<task>      one fine-tune per task from it
-  <merge>        uniform_soup, task_arithmetic, ties, dare_ties, breadcrumbs, model_stock of the fine-tunes
-                 (transform stages); the scale of the task-vector merges is chosen on the tasks' mean `heldout`
-                 accuracy over `merging.scales` (in memory, before the stage)
-
-Every model is evaluated on every task. Preconditions: each fine-tune beats the pre-trained model on its task by
-`min_gain`; the tasks interfere (own-task minus other-task accuracy at least `min_interference`). Claims: TIES,
-DARE-TIES and breadcrumbs beat task arithmetic (every seed, by `min_effect` on average). Writes
-results.json/md and merging.png.
+Tasks: the digits under fixed input transformations (`digits_task`: inverted, rotated, mirrored, pixel-permuted),
+which need different features, so the fine-tunes interfere: the setting where TIES and DARE claim to beat task
+arithmetic. Stages per seed in `seed_<s>/`: `pretrain` (on `merging.pretrain_task`), `ft_<task>` (from it), and
+one transform stage per merge of the fine-tunes, the task-vector merges' scale chosen first (in memory) on the
+tasks' mean held-out accuracy. A merge is evaluated on task t with t's fine-tune's head (`merging.task_heads`).
+Preconditions: each fine-tune beats the pre-trained model on its task; the tasks interfere. Claims: TIES,
+DARE-TIES and breadcrumbs beat task arithmetic. Writes results.json/md and merging.png.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import ml_collections
 import numpy as np
@@ -47,17 +40,14 @@ def task_evaluator(data_cfg, tasks):
   """`fn(module, params, model_state, splits, heads)` -> {task: {split: accuracy}}; with `heads` ({task: head
   params}) task t is evaluated with `params['head'] = heads[t]`. One compiled eval step per task and split."""
   sets = {t: digits_task.build(ml_collections.ConfigDict({**data_cfg.to_dict(), "task": t})) for t in tasks}
-  steps = {}
+  evs = {}
 
   def accs(module, params, model_state, splits=SPLITS, heads=None):
-    out = {}
-    for t in tasks:
-      p = {**params, "head": heads[t]} if heads and t in heads else params
-      for s in splits:
-        if (t, s) not in steps:
-          steps[(t, s)] = soups.Evaluator(module, sets[t], s)
-        out.setdefault(t, {})[s] = steps[(t, s)](p, model_state)
-    return out
+    for t, s in itertools.product(tasks, splits):
+      if (t, s) not in evs:
+        evs[(t, s)] = soups.Evaluator(module, sets[t], s)
+    return {t: {s: evs[(t, s)]({**params, "head": heads[t]} if heads and t in heads else params, model_state)
+                for s in splits} for t in tasks}
   return accs
 
 
@@ -110,13 +100,13 @@ def upper_bound(rows: list[dict], tasks) -> list[dict]:
 def preconditions(rows: list[dict], tasks, seeds, mc) -> list[dict]:
   """Each fine-tune beats the pre-trained model on its task (min over seeds); the tasks interfere."""
   by = {(r["name"], r["seed"]): r["accs"] for r in rows}
-  out = [report.precondition(f"ft_{t} beats the pretrained model on {t} (min over seeds of the test-accuracy gain)",
-                      min(by[(f"ft_{t}", s)][t]["test"] - by[("pretrained", s)][t]["test"] for s in seeds),
-                      mc.min_gain) for t in tasks]
+  gain = {t: min(by[(f"ft_{t}", s)][t]["test"] - by[("pretrained", s)][t]["test"] for s in seeds) for t in tasks}
   gaps = [by[(f"ft_{t}", s)][t]["test"] - np.mean([by[(f"ft_{t}", s)][o]["test"] for o in tasks if o != t])
           for t in tasks for s in seeds]
-  return out + [report.precondition("tasks interfere: a fine-tune's own-task minus other-task test accuracy (mean)",
-                             float(np.mean(gaps)), mc.min_interference)]
+  return [report.precondition(f"ft_{t} beats the pretrained model on {t} (min over seeds of the test-accuracy gain)",
+                              g, mc.min_gain) for t, g in gain.items()] + [report.precondition(
+      "tasks interfere: a fine-tune's own-task minus other-task test accuracy (mean)", np.mean(gaps),
+      mc.min_interference)]
 
 
 def claims(rows: list[dict], pre: list[dict], tasks, seeds, min_effect: float = 0.01) -> list[dict]:
@@ -128,11 +118,11 @@ def claims(rows: list[dict], pre: list[dict], tasks, seeds, min_effect: float = 
     d = np.array([by[(method, s)] - by[("task_arithmetic", s)] for s in seeds])
     std = float(d.std(ddof=1)) if len(d) > 1 else 0.0
     out.append(report.claim(f"{paper} beats task arithmetic on average accuracy when the tasks interfere",
-                     bool(d.mean() >= min_effect - 1e-9 and (d > 0).all()),
-                     f"{method} minus task_arithmetic, average test accuracy per seed: "
-                     + ", ".join(f"{100 * x:+.1f} pp" for x in d) + f" (mean {100 * d.mean():+.1f} pp, sample std "
-                     f"{100 * std:.1f} pp; holds if every seed > 0 and the mean >= {100 * min_effect:.1f} pp)",
-                     requires=pre))
+                            bool(d.mean() >= min_effect - 1e-9 and (d > 0).all()),
+                            f"{method} minus task_arithmetic, average test accuracy per seed: "
+                            + ", ".join(f"{100 * x:+.1f} pp" for x in d) + f" (mean {100 * d.mean():+.1f} pp, "
+                            f"sample std {100 * std:.1f} pp; holds if every seed > 0 and the mean >= "
+                            f"{100 * min_effect:.1f} pp)", requires=pre))
   return out
 
 
@@ -171,15 +161,12 @@ def run(config, workdir: str) -> dict:
   rep.table(("model", "average", *mc.tasks), [(label.get(n, n), f"**{pm(lookup(groups['test_acc'], name=n))}**",
                                               *(pm(lookup(groups[f"test_{t}"], name=n)) for t in mc.tasks))
                                              for n in names], caption="Test accuracy (%)")
-  chosen = {}
-  for r in rep.rows:
-    if r.get("scale_search"):
-      chosen.setdefault(r["name"], []).append(float(r["args"]["scale"]))
-  rep.text("Chosen scales per seed: " + "; ".join(f"{n} {v}" for n, v in chosen.items()) + ".")
+  searched = dict.fromkeys(r["name"] for r in rep.rows if r.get("scale_search"))
+  rep.text("Chosen scales per seed: " + "; ".join(
+      f"{n} {[float(r['args']['scale']) for r in rep.rows if r['name'] == n]}" for n in searched) + ".")
   rep.figure("merging.png", lambda axes: _plot(axes, groups, names, mc.tasks), ncols=2, size=(7, 4.5))
   res = rep.write()
-  return {"workdir": exp.workdir, "verdicts": [c["verdict"] for c in res["claims"]],
-          **{f"{g['name']}_avg_test": g["mean"] for g in groups["test_acc"]}}
+  return {"workdir": exp.workdir, "verdicts": [c["verdict"] for c in res["claims"]]}
 
 
 def _plot(axes, groups: dict, names: list[str], tasks) -> None:
@@ -193,13 +180,12 @@ def _plot(axes, groups: dict, names: list[str], tasks) -> None:
   axes[0].set(ylabel="average test accuracy over tasks (%)", title="mean ± sample std over seeds")
   merges = [n for n in names if n not in ("pretrained", "upper_bound") and not n.startswith("ft_")]
   width, x = 0.8 / max(len(merges), 1), np.arange(len(tasks))
-  for k, n in enumerate(merges + ["upper_bound"]):
+  for k, n in enumerate(merges):
     got = [lookup(groups[f"test_{t}"], name=n) for t in tasks]
-    if n == "upper_bound":
-      axes[1].plot(x + 0.4 - width / 2, [100 * g["mean"] for g in got], "k_", markersize=30, label="own fine-tune")
-    else:
-      axes[1].bar(x + k * width, [100 * g["mean"] for g in got], width, yerr=[100 * g["std"] for g in got], label=n,
-                  capsize=2)
+    axes[1].bar(x + k * width, [100 * g["mean"] for g in got], width, yerr=[100 * g["std"] for g in got], label=n,
+                capsize=2)
+  axes[1].plot(x + 0.4 - width / 2, [100 * lookup(groups[f"test_{t}"], name="upper_bound")["mean"] for t in tasks],
+               "k_", markersize=30, label="own fine-tune")
   axes[1].set_xticks(x + 0.4 - width / 2, tasks)
   axes[1].set(ylabel="test accuracy (%)")
   axes[1].legend(fontsize=7)

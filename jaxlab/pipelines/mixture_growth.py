@@ -1,21 +1,12 @@
 """Pipeline `mixture_growth`: train two members, grow, train the grown net; baselines at matched budgets.
 
-Stages per seed, in `<workdir>/seed<s>/`:
-
-    member0, member1            half-width template WRNs (`template_mixing`, member 0 / 1), member_steps each
-    grow_<rule>_init            grow_mixture(member0, member1, coefficients=<rule>)   (transform, no training)
-    mg_<rule>                   the grown template WRN trained grow_steps at mixture_growth.grow_lr
-    small                       half-width dense WRN from scratch, 2 * member_steps (the members' budget)
-    net2net_init, net2net       small widened by channel duplication, then grow_steps at grow_lr
-    random_growth_init, random_growth   members + random off-diagonal blocks, then grow_steps at grow_lr
-    large                       full-width dense WRN from scratch, as many training FLOPs as MixtureGrowth
-    large_long                  full-width dense WRN, 2 * member_steps + grow_steps steps
-
-Training FLOPs are counted analytically (`jaxlab.models.wrn.forward_macs`): `6 * MACs(one example) * batch_size *
-steps` (forward + backward), summed over a model's ancestry (a grown net includes its members); the per-step cost
-of materializing kernels from templates is not counted. Claims: MixtureGrowth (orthogonal) beats random growth,
-Net2Net and the large net at equal FLOPs by more than the larger seed std. Writes results.json/md and
-accuracy_vs_flops.png.
+Stages per seed in `seed<s>/`: `member0`, `member1` (half-width template WRNs, member_steps each);
+`grow_<rule>_init` (transform `grow_mixture` of the members) and `mg_<rule>` (grow_steps at grow_lr from it);
+baselines `small` (half-width dense, 2 * member_steps), `net2net_init`/`net2net` (small widened by copying),
+`random_growth_init`/`random_growth` (random new blocks), `large` (full width, MixtureGrowth's training FLOPs),
+`large_long` (full width, as many steps). Training FLOPs = 6 * forward MACs (`wrn.forward_macs`) * examples,
+summed over a model's ancestry. Claims: MixtureGrowth (orthogonal) beats random growth, Net2Net and the large
+net at equal FLOPs by more than the larger seed std. Writes results.json/md and accuracy_vs_flops.png.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxlab import configs, data, pipelines
-from jaxlab.experiments import Experiment, Report, TrainStage, aggregate, lookup, majority_baseline, pm
+from jaxlab.experiments import Experiment, Report, TrainStage, aggregate, lookup, majority_baseline, pm, summary_row
 
 PAPER = {"logreg": 0.32, "mlp": 0.68, "cnn1d": 0.94, "gru": 0.91}  # published test accuracies (1000 test signals)
 PAPER_HUMAN = 0.96
@@ -57,9 +57,8 @@ def run(config, workdir: str) -> dict:
   rep = Report(exp, "MNIST-1D baselines: the small model zoo")
   for st in stages(exp):
     s = exp.run(st)
-    rep.rows.append({"name": st.name, "model": st.name.rsplit("_s", 1)[0], "params": int(s["params"]),
-                     "seed": st.overrides["seed"], "test_acc": s.get("test_accuracy"),
-                     "train_acc": s.get("train_accuracy"), "steps": int(s["steps"]), "wall_s": float(s["wall_s"])})
+    rep.rows.append(summary_row(st.name, s, st.overrides["seed"], model=st.name.rsplit("_s", 1)[0],
+                                train_acc=s.get("train_accuracy"), steps=int(s["steps"])))
   table = aggregate(rep.rows, by="model")
   train = {g["model"]: g for g in aggregate(rep.rows, by="model", value="train_acc")}
   steps = {r["model"]: (r["steps"], r["params"], r["wall_s"]) for r in rep.rows}

@@ -1,17 +1,11 @@
 """Pipeline `ntfs`: from scratch vs self-pretrained (SPT), S4D and Transformer, at a matched step budget.
 
-"Never Train from Scratch" (Amos, Berant & Gupta, ICLR 2024): pretrain on the task's own training inputs (masked
-denoising or next-element prediction), then fine-tune on the labels. Stages per task x model x seed:
-
-  <task>/<model>/scratch/seed<s>       labels only, pretrain_steps + finetune_steps steps at optimizer.lr
-  <task>/<model>/spt_pretrain/seed<s>  `mask_denoise` (or `causal_shift`), pretrain_steps at ntfs.pretrain_lr
-  <task>/<model>/spt_finetune/seed<s>  from the pretraining checkpoint through `drop_pretraining_head`,
-                                       finetune_steps at ntfs.finetune_lr
-
-S4D's A, dt, B train at min(ntfs.ssm_lr, the stage's lr) without weight decay. Claims per task (only where some
-arm beats the test split's majority class by 2 points): SPT helps both models; the Transformer gains more; SPT
-narrows the S4D-Transformer gap. Writes results.json/md and ntfs.png (accuracy by task; mean |K_l| of the first
-S4D layer at init, after scratch training and after pretraining).
+"Never Train from Scratch" (Amos, Berant & Gupta, ICLR 2024). Stages per task x model x seed, `<task>/<model>/`:
+`scratch/seed<s>` (labels only, pretrain_steps + finetune_steps at optimizer.lr), `spt_pretrain/seed<s>`
+(`mask_denoise` or `causal_shift` on the training inputs, pretrain_steps at ntfs.pretrain_lr), `spt_finetune/seed<s>`
+(from it through `drop_pretraining_head`, finetune_steps at ntfs.finetune_lr); S4D's A, dt, B at min(ntfs.ssm_lr,
+the stage's lr) without weight decay. Claims per task, tested where some arm beats the majority class: SPT helps
+both models, the Transformer most, and narrows their gap. Writes results.json/md and ntfs.png.
 """
 
 from __future__ import annotations
@@ -20,10 +14,8 @@ import jax
 import numpy as np
 
 from jaxlab import build, checkpoint, configs, data, pipelines
-from jaxlab.experiments import Experiment, Report, TrainStage, aggregate, lookup, majority_baseline, pm
+from jaxlab.experiments import Experiment, Report, TrainStage, aggregate, lookup, majority_baseline, pm, summary_row
 from jaxlab.models import s4d
-
-ARMS = ("scratch", "spt_pretrain", "spt_finetune")
 
 
 def model_config(n, model: str, info: dict, *, pretrain: bool) -> dict:
@@ -94,12 +86,10 @@ def run(config, workdir: str) -> dict:
     (task, model, _, _), seed = scratch.name.split("/"), scratch.overrides["seed"]
     s, p, f = (exp.run(st) for st in (scratch, pre, ft))
     init = scratch.overrides["model"].get("init", "-")
-    for arm, summ, steps, extra_s in (("none", s, s["steps"], 0.0), (n.objective, f, p["steps"] + f["steps"],
-                                                                      p["wall_s"])):
-      rep.rows.append({"name": f"{task}/{model}/{'scratch' if arm == 'none' else 'spt'}/seed{seed}", "task": task,
-                       "model": model, "init": init, "pretraining": arm, "seed": seed,
-                       "test_acc": summ.get("test_accuracy"), "val_acc": summ.get("validation_accuracy"),
-                       "steps": int(steps), "wall_s": float(summ["wall_s"]) + extra_s})
+    for arm, summ, steps, extra in (("none", s, s["steps"], 0), (n.objective, f, p["steps"] + f["steps"], p["wall_s"])):
+      rep.rows.append(summary_row(f"{task}/{model}/{'scratch' if arm == 'none' else 'spt'}/seed{seed}", summ, seed,
+                                  task=task, model=model, init=init, pretraining=arm, steps=int(steps),
+                                  wall_s=float(summ["wall_s"]) + extra))
     pm_ = p.get("metrics", {}).get("test", {})
     pretraining.append({"task": task, "model": model, "seed": seed, "masked_acc": pm_.get("accuracy"),
                         "masked_loss": pm_.get("loss"), "masked_mae": pm_.get("mae")})
@@ -112,6 +102,7 @@ def run(config, workdir: str) -> dict:
            f"S4D's SSM params lr min({n.ssm_lr}, the stage's lr), no weight decay. Objective: {n.objective}"
            + (f" (mask rates {n.mask_rate.to_dict()}; pixel loss {n.pixel_loss})" if n.objective == "denoise" else "")
            + f". Training wall time {sum(r['wall_s'] for r in rep.rows) / 60:.1f} min (sum over stages).")
+
   def arms(t, m):
     a, c = (lookup(table, task=t, model=m, pretraining=x) for x in ("none", n.objective))
     gain = f"{100 * (c['mean'] - a['mean']):+.1f}" if a and c else "-"

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from jaxlab import build, checkpoint, configs, data, pipelines
-from jaxlab.experiments import Experiment, Report, TrainStage, aggregate, lookup, majority_baseline, pm
+from jaxlab.experiments import Experiment, Report, TrainStage, aggregate, lookup, majority_baseline, pm, summary_row
 from jaxlab.models import s4d as s4d_lib
 
 
@@ -61,10 +61,8 @@ def run(config, workdir: str) -> dict:
   for st in todo:
     summ, (task, variant, _) = exp.run(st), st.name.split("/")
     init, disc = variant.split("_")
-    rep.rows.append({"name": variant, "task": task, "model": "s4d_seq", "init": init, "disc": disc,
-                     "pretraining": "none", "seed": st.overrides["seed"], "test_acc": summ.get("test_accuracy"),
-                     "val_acc": summ.get("validation_accuracy"), "params": summ.get("params"),
-                     "wall_s": summ.get("wall_s"), "steps": summ.get("steps")})
+    rep.rows.append(summary_row(variant, summ, st.overrides["seed"], task=task, model="s4d_seq", init=init,
+                                disc=disc, pretraining="none", steps=summ.get("steps")))
   table = aggregate(rep.rows, by=("task", "init", "disc"))
   majority = {t: majority_baseline(ds.splits["test"].arrays["label"])["accuracy"] for t, ds in sets.items()}
   m, b = exp.base.model, exp.base
