@@ -44,19 +44,17 @@ class TransformStage:
   args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def jsonable(x):
-  """`x` with ConfigDicts, tuples and numpy/jax scalars turned into JSON types (dicts, lists, numbers)."""
+def _json_default(x):
   if isinstance(x, ml_collections.ConfigDict):
-    x = x.to_dict()
-  if isinstance(x, Mapping):
-    return {str(k): jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [jsonable(v) for v in x]
-  if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
-    return x.item()
-  if hasattr(x, "tolist"):
+    return x.to_dict()
+  if hasattr(x, "tolist"):  # numpy / jax scalars and arrays
     return x.tolist()
-  return x
+  raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+def jsonable(x):
+  """`x` as JSON gives it back: ConfigDicts as dicts, tuples as lists, numpy/jax values as numbers and lists."""
+  return json.loads(json.dumps(x, default=_json_default))
 
 
 def derive(config, overrides: Mapping[str, Any] | None = None, /, **dotted) -> ml_collections.ConfigDict:
