@@ -95,6 +95,7 @@ else:
   from jaxlab.interop import jobs
   jax.devices()  # start the XLA backend here: process start-up, like importing torch
 base = current_rss_mb()
+r0 = resource.getrusage(resource.RUSAGE_SELF)
 t = time.perf_counter()
 if variant == "jaxlab_read_convert":
   imp = jobs.import_file(src, num_heads=12, compute_sha256=False)
@@ -112,8 +113,19 @@ elif variant == "torch_load_clone":
 elif variant == "torch_load_save":
   sd = safetensors.torch.load_file(src)
   torch.save(sd, os.path.join(work, "torch.pth"))
-print(json.dumps({"s": time.perf_counter() - t, "peak_mb": rss_mb(), "base_mb": base}))
+wall = time.perf_counter() - t
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime  # all threads of the process
+print(json.dumps({"s": wall, "cpu": cpu, "peak_mb": rss_mb(), "base_mb": base}))
 """
+
+
+def _loadavg() -> str:
+  try:
+    with open("/proc/loadavg") as f:
+      return " ".join(f.read().split()[:3])
+  except OSError:  # not Linux
+    return "n/a"
 
 
 def run_child(variant: str, src: str, work: str) -> dict:
@@ -181,13 +193,17 @@ def main():
       print("torch not installed: jaxlab only (pip install -e .[bench] for the comparison)")
     variants = ["jaxlab_read_convert", "jaxlab_import_job", "jaxlab_export", *peers]
     results = {v: [] for v in variants}
-    for _ in range(args.repeats):
+    loads = []
+    for r in range(args.repeats):
       for v in variants:  # interleaved; the import job writes the checkpoint the export reads
         if v == "jaxlab_import_job":
           shutil.rmtree(os.path.join(work, "ckpt"), ignore_errors=True)
         results[v].append(run_child(v, src, work))
+      loads.append(_loadavg())
+      times = ", ".join(f"{v} {rs[-1]['s']:.2f} s" for v, rs in results.items())
+      print(f"round {r + 1}: load average {loads[-1]}; {times}", flush=True)
     print(
-      f"{'variant':22s} {'seconds (median, min-max)':>27s} {'GB/s':>6s} {'peak RSS GB':>12s} "
+      f"{'variant':22s} {'seconds (median, min-max)':>27s} {'GB/s':>6s} {'CPU s':>6s} {'peak RSS GB':>12s} "
       f"{'added GB':>9s} {'added / file':>13s}"
     )
     for v, rs in results.items():
@@ -196,8 +212,18 @@ def main():
       added = statistics.median(r["peak_mb"] - r["base_mb"] for r in rs) / 1024
       print(
         f"{v:22s} {statistics.median(s):10.2f} ({min(s):.2f}-{max(s):.2f})        "
-        f"{size / 1e9 / statistics.median(s):6.2f} {peak:12.2f} {added:9.2f} {added * 2**30 / size:12.2f}x"
+        f"{size / 1e9 / statistics.median(s):6.2f} {statistics.median(r['cpu'] for r in rs):6.2f} {peak:12.2f} "
+        f"{added:9.2f} {added * 2**30 / size:12.2f}x"
       )
+    # the other helpers' jobs load this machine: the ratio within each round is the robust comparison
+    for ours, theirs in (("jaxlab_read_convert", "torch_load_clone"), ("jaxlab_import_job", "torch_load_save")):
+      if theirs in results:
+        q = [a["s"] / b["s"] for a, b in zip(results[ours], results[theirs])]
+        print(
+          f"{ours} / {theirs}, seconds per round: median {statistics.median(q):.2f} ({min(q):.2f}-{max(q):.2f}), "
+          f"rounds faster: {sum(x < 1 for x in q)} of {len(q)}"
+        )
+    print(f"load average (1, 5, 15 min) after each round: {'; '.join(loads)}")
   finally:
     shutil.rmtree(work, ignore_errors=True)
 

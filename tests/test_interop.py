@@ -617,3 +617,75 @@ def test_permutation_conversions_give_the_traced_foreign_shapes():
     assert np.array_equal(conv.to_ours(conv.to_theirs(x)), x)
   assert names.LINEAR.theirs_shapes((7, 5), np.float32) == [(5, 7)]
   assert names.CONV.theirs_shapes((2, 3, 4, 5), np.float32) == [(5, 4, 2, 3)]
+
+
+def test_pth_export_equals_the_fixture_torch_and_timm_loaded(tmp_path):
+  """The export job with config.out=*.pth writes, without torch, exactly the archive that
+  tools/make_timm_fixtures.py loaded with torch.load(weights_only=True) (bitwise timm's state dict) and into
+  timm (timm's logits): same entries, pickle and storages, each storage 64-byte aligned; it reads back as the
+  timm file and re-imports bitwise."""
+  import ml_collections
+
+  imp = _import("vit_token.safetensors")
+  checkpoint.save_weights(str(tmp_path / "ckpt"), 0, imp.theta, imp.meta, imp.model_state)
+  out = tmp_path / "vit_token_jaxlab.pth"  # the fixture's name: the archive's folder is named after the file
+  cfg = dict(checkpoint=str(tmp_path / "ckpt"), format="timm", out=str(out))
+  jobs.run_export(ml_collections.ConfigDict(cfg), str(tmp_path / "export"))
+  fixture = os.path.join(FIX, "vit_token_jaxlab.pth")
+  with zipfile.ZipFile(out) as ours, zipfile.ZipFile(fixture) as ref:
+    assert ours.namelist() == ref.namelist()
+    assert "vit_token_jaxlab/data.pkl" in ours.namelist() and "vit_token_jaxlab/byteorder" in ours.namelist()
+    for info in ours.infolist():
+      assert info.compress_type == zipfile.ZIP_STORED and ours.read(info) == ref.read(info.filename), info.filename
+  raw = out.read_bytes()
+  with zipfile.ZipFile(out) as ours:
+    for info in ours.infolist():
+      name_len, extra_len = np.frombuffer(raw[info.header_offset + 26 : info.header_offset + 30], "<u2")
+      assert (info.header_offset + 30 + int(name_len) + int(extra_len)) % 64 == 0, info.filename
+  with readers.open_source(str(out)) as got, readers.open_source(os.path.join(FIX, "vit_token.safetensors")) as src:
+    assert sorted(got.keys()) == sorted(src.keys())
+    for k in src.keys():
+      a, b = got.get(k), src.get(k)
+      assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), k
+  again = jobs.import_file(str(out), num_heads=2)
+  for a, b in zip(jax.tree.leaves(imp.theta), jax.tree.leaves(again.theta)):
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+  # format=jaxlab keeps its meta in safetensors metadata: a .pth is refused before anything is read
+  with pytest.raises(ValueError, match="config.format=jaxlab writes .safetensors only"):
+    jobs.run_export(ml_collections.ConfigDict(dict(cfg, format="jaxlab", out=str(tmp_path / "j.pth"))), str(tmp_path))
+  assert not (tmp_path / "j.pth").exists()
+
+
+def test_pth_writer_dtypes_shapes_and_big_integers(tmp_path):
+  """pth.write_state_dict: every storage type (bf16, fp16, bool, ints), 0-d, empty and transposed tensors
+  read back bitwise by the restricted reader; integers of every pickle width encode and decode."""
+  import ml_dtypes
+
+  from jaxlab.interop import pth
+
+  rng = np.random.default_rng(0)
+  base = rng.standard_normal((5, 3)).astype(np.float32)
+  sd = {
+    "t": base.T,
+    "f64": rng.standard_normal(3),
+    "f16": base.astype(np.float16),
+    "bf16": base.astype(ml_dtypes.bfloat16),
+    "i64": np.array(3, np.int64),
+    "i8": np.arange(-4, 4, dtype=np.int8),
+    "u8": np.arange(300, dtype=np.int64).astype(np.uint8),
+    "bool": np.array([True, False]),
+    "empty": np.zeros((0, 4), np.float32),
+    "long": np.zeros(70000, np.int16),
+  }
+  path = tmp_path / "sd.pth"
+  pth.write_state_dict(sd, str(path))
+  with readers.open_source(str(path)) as src:
+    assert src.keys() == list(sd)
+    for k, v in sd.items():
+      got = src.get(k)
+      assert got.dtype == v.dtype and got.shape == v.shape and got.tobytes() == np.array(v, order="C").tobytes(), k
+  for n in (0, 255, 256, 65535, 65536, -1, 2**31 - 1, 2**31, -(2**31) - 1, 2**40, 2**63):
+    assert pickle.loads(b"\x80\x02" + pth._int(n) + b".") == n
+  with pytest.raises(ValueError, match="tensor c: dtype complex64 has no torch storage type"):
+    pth.write_state_dict({"c": np.zeros(2, np.complex64)}, str(tmp_path / "c.pth"))
+  assert not (tmp_path / "c.pth").exists() and not (tmp_path / "c.pth.tmp").exists()

@@ -17,6 +17,10 @@ a seeded normal distribution, so that a swapped or mis-transposed tensor changes
   wrn_mixturegrowth.pth                   a WRN-10-0.5 in the MixtureGrowth code's naming (`conv_stem`,
                                           `group_{g}.{b}.bn1`, `last_act.0`, `fc`), BatchNorm running stats
   views.pth                               tensors sharing one storage (transposed, strided), fp16, bf16, 0-d
+  vit_token_jaxlab.pth                    written by jaxlab without torch: `vit_token.safetensors` imported
+                                          and exported with `config.out=*.pth`; checked here to load with
+                                          `torch.load(weights_only=True)` bitwise and into timm with the
+                                          reference logits (tests compare jaxlab's export with it)
   reference.npz                           inputs `x16` [2,3,16,16] and `x24` [2,3,24,24] and each
                                           model's eval logits `logits_<name>`; `vit_token` resampled to 24x24
                                           by timm (`pos_embed_24`, `logits_vit_token_24`)
@@ -142,6 +146,24 @@ class _Wrn(nn.Module):
     return self.fc(self.last_act(x).mean(dim=(2, 3)))
 
 
+def export_pth(source: str, out: str) -> None:
+  """jaxlab's import of `source` and its export job to the PyTorch state dict `out` (no torch involved)."""
+  import tempfile
+
+  import ml_collections
+
+  from jaxlab import checkpoint
+  from jaxlab.interop import jobs
+
+  with tempfile.TemporaryDirectory() as tmp:
+    imp = jobs.import_file(source, num_heads=TINY["num_heads"])
+    checkpoint.save_weights(os.path.join(tmp, "ckpt"), 0, imp.theta, imp.meta, imp.model_state)
+    if os.path.exists(out):
+      os.remove(out)
+    cfg = ml_collections.ConfigDict(dict(checkpoint=os.path.join(tmp, "ckpt"), format="timm", out=out))
+    jobs.run_export(cfg, os.path.join(tmp, "export"))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=OUT)
@@ -212,6 +234,20 @@ def main():
   }
   torch.save(views, os.path.join(args.out, "views.pth"))
   ref.update({f"views_{k}": v.float().numpy() for k, v in views.items()})
+
+  export_pth(os.path.join(args.out, "vit_token.safetensors"), os.path.join(args.out, "vit_token_jaxlab.pth"))
+  check = timm.create_model(
+    "vit_tiny_patch16_224",
+    pretrained=True,
+    pretrained_cfg_overlay=dict(file=os.path.join(args.out, "vit_token_jaxlab.pth"), num_classes=5),
+    **{**TINY, "global_pool": "token"},
+  ).eval()
+  assert np.array_equal(logits(check, ref["x16"]), ref["logits_vit_token"]), "timm: jaxlab's .pth, other logits"
+  loaded = torch.load(os.path.join(args.out, "vit_token_jaxlab.pth"), weights_only=True)
+  original = models["vit_token"].state_dict()
+  assert sorted(loaded) == sorted(original), "jaxlab's .pth: other keys"
+  for k, v in original.items():
+    assert loaded[k].dtype == v.dtype and loaded[k].shape == v.shape and torch.equal(loaded[k], v), k
 
   np.savez(os.path.join(args.out, "reference.npz"), **ref)
   total = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))

@@ -20,7 +20,8 @@ and name map, what was skipped or initialised fresh, and the preprocessing.
 
 Export: load a checkpoint from its meta, materialize its parameterization (a
 TLEG auxiliary net or a soup exports the network it computes), and write
-safetensors: `format=timm` with timm's keys and shapes for a `vit` model;
+safetensors (or, for `format=timm`, a PyTorch `.pth` state dict: `pth`):
+`format=timm` with timm's keys and shapes for a `vit` model;
 `format=jaxlab` for any model, as a plain state dict whose keys are jaxlab's
 `collection/path` names (blocks stacked on the depth axis) with the checkpoint
 meta in the file's metadata, which `import` reads back bitwise. A model timm
@@ -40,7 +41,7 @@ import jax
 import numpy as np
 
 from jaxlab import build, checkpoint, trees
-from jaxlab.interop import names, readers, resample, vit_maps, wrn_maps
+from jaxlab.interop import names, pth, readers, resample, vit_maps, wrn_maps
 
 JAXLAB_META_KEY = "jaxlab_meta"
 
@@ -479,15 +480,20 @@ def write_safetensors(tensors: dict[str, np.ndarray], out: str, metadata: dict[s
       os.remove(tmp)
 
 
+PTH_EXTENSIONS = (".pth", ".pt", ".bin")
+
+
 def run_export(config, workdir: str) -> dict:
-  """The `export` job: `config.checkpoint` -> `config.out` (safetensors) in timm or jaxlab naming."""
+  """The `export` job: `config.checkpoint` -> `config.out` in timm or jaxlab naming: safetensors, or for timm
+  naming also a PyTorch state dict (`.pth`, `.pt`, `.bin`: `torch.save`'s zip archive, written without torch)."""
   if not config.get("checkpoint"):
     raise ValueError("config.checkpoint: give the jaxlab checkpoint (workdir) to export")
   out = str(config.get("out") or "")
-  if not out.endswith(".safetensors"):
+  ext = os.path.splitext(out)[1].lower()
+  if ext not in (".safetensors", *PTH_EXTENSIONS):
     raise ValueError(
-      f"config.out={out!r}: give a .safetensors file to write (timm loads it with "
-      "pretrained_cfg_overlay=dict(file=...))"
+      f"config.out={out!r}: give a .safetensors file (or .pth / .pt / .bin for a PyTorch state dict) to write "
+      "(timm loads either with pretrained_cfg_overlay=dict(file=...))"
     )
   if os.path.exists(out) and not config.get("overwrite", False):
     raise ValueError(f"config.out={out} exists; choose another file or set config.overwrite=True")
@@ -496,10 +502,18 @@ def run_export(config, workdir: str) -> dict:
   fmt = str(config.get("format", "timm"))
   if fmt not in ("timm", "jaxlab"):
     raise ValueError(f"config.format={fmt!r}: choose timm or jaxlab")
+  if fmt == "jaxlab" and ext != ".safetensors":
+    raise ValueError(
+      f"config.out={out!r}: config.format=jaxlab writes .safetensors only (the checkpoint's meta, which the "
+      "import job reads back, travels in its metadata)"
+    )
   step = int(config.get("step", -1))
   loaded = checkpoint.load(str(config.checkpoint), None if step < 0 else step)
   tensors, metadata = export_tensors(loaded, fmt)
-  write_safetensors(tensors, out, metadata)
+  if ext == ".safetensors":
+    write_safetensors(tensors, out, metadata)
+  else:  # a plain state dict has no place for metadata: the timm arguments are in export.json only
+    pth.write_state_dict(tensors, out)
   report = {
     "checkpoint": os.path.abspath(str(config.checkpoint)),
     "step": loaded.step,
