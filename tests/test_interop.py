@@ -437,7 +437,8 @@ def test_a_headless_backbone_needs_a_fresh_head_explicitly(tmp_path):
   save_file(t, path)
   with pytest.raises(ValueError, match=r"no classifier head; set config.num_classes and config.init_missing"):
     jobs.import_file(path, num_heads=2)
-  with pytest.raises(names.NameMapError, match=r"2 missing: head.weight, head.bias"):
+  headless = r"\(2 missing, 0 unexpected, 0 mis-shaped\): missing head.weight; missing head.bias;"
+  with pytest.raises(names.NameMapError, match=headless):
     jobs.import_file(path, num_heads=2, num_classes=3)
   imp = jobs.import_file(path, num_heads=2, num_classes=3, init_missing="params/head/.*", seed=1)
   assert imp.theta["head"]["kernel"].shape == (24, 3)
