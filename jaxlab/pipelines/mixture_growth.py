@@ -11,10 +11,8 @@ net at equal FLOPs by more than the larger seed std. Writes results.json/md and 
 
 from __future__ import annotations
 
-import numpy as np
-
 from jaxlab import checkpoint, configs, data, evaluate, pipelines
-from jaxlab.experiments import Experiment, Report, TrainStage, TransformStage, aggregate, lookup, pm
+from jaxlab.experiments import Experiment, Report, TrainStage, TransformStage, aggregate, lookup, pm, summary_row
 from jaxlab.models import wrn
 
 ROW_KEYS = ("name", "method", "params", "trainable", "flops", "train_steps", "seed", "test_acc", "val_acc",
@@ -63,10 +61,8 @@ def run(config, workdir: str) -> dict:
   rep = Report(exp, "MixtureGrowth on the 8x8 digits")
 
   def row(name, method, summary, seed, fl, steps, at_growth=None):
-    rep.rows.append({"name": name, "method": method, "params": int(summary["params"]),
-                     "trainable": int(summary["trainable"]), "flops": float(fl), "train_steps": int(steps),
-                     "seed": seed, "test_acc": summary.get("test_accuracy"),
-                     "val_acc": summary.get("validation_accuracy"), "acc_at_growth": at_growth})
+    rep.rows.append(summary_row(name, summary, seed, method=method, trainable=int(summary["trainable"]),
+                                flops=float(fl), train_steps=int(steps), acc_at_growth=at_growth))
 
   def train(sd, name, seed, model, steps, **over):
     return exp.run(TrainStage(f"{sd}/{name}", {"seed": seed, "model": model, "total_steps": steps, **over}))
@@ -109,12 +105,11 @@ def run(config, workdir: str) -> dict:
       if name in baselines:
         row(name, f"large from scratch ({what})", train(sd, name, seed, full, steps), seed, flops(full, steps), steps)
 
-  at, agg = aggregate(rep.rows, "name", "acc_at_growth"), rep.extra.setdefault("aggregate", [])
-  for a in aggregate(rep.rows):  # + each model's description, size, mean FLOPs and accuracy right after growth
-    rs = [r for r in rep.rows if r["name"] == a["name"]]
-    agg.append({**a, **{k: rs[0][k] for k in ("method", "params", "trainable", "train_steps")},
-                "flops": float(np.mean([r["flops"] for r in rs])),
-                "at_growth": (lookup(at, name=a["name"]) or {}).get("mean")})
+  # sizes, FLOPs and steps are the same for every seed of a model: group by them too
+  agg = rep.extra["aggregate"] = aggregate(rep.rows, ("name", "method", "params", "trainable", "flops", "train_steps"))
+  at = aggregate(rep.rows, "name", "acc_at_growth")
+  for a in agg:
+    a["at_growth"] = (lookup(at, name=a["name"]) or {}).get("mean")
   macs = {k: wrn.forward_macs(m, ds.num_classes, ds.input_shape) for k, m in (("member", half), ("full", full))}
   rep.text(f"Members: WRN {half}; full: {full}; {g.num_templates} templates per set; member steps {ms} each, grown "
            f"steps {gs} at lr {g.grow_lr} (base lr {exp.base.optimizer.lr}), batch {bs}. Forward MACs per example: "

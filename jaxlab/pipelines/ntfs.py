@@ -81,18 +81,15 @@ def run(config, workdir: str) -> dict:
   todo = [st for t in tasks for m in models for seed in configs.as_tuple(n.seeds, int)
           for st in stages(exp, t, m, seed, sets[t].info)]  # every stage checked before anything trains
   rep = Report(exp, "Never Train from Scratch: self-pretraining at a matched budget")
-  pretraining = rep.extra["pretraining"] = []
   for scratch, pre, ft in zip(todo[0::3], todo[1::3], todo[2::3]):
     (task, model, _, _), seed = scratch.name.split("/"), scratch.overrides["seed"]
     s, p, f = (exp.run(st) for st in (scratch, pre, ft))
     init = scratch.overrides["model"].get("init", "-")
-    for arm, summ, steps, extra in (("none", s, s["steps"], 0), (n.objective, f, p["steps"] + f["steps"], p["wall_s"])):
+    masked = {f"masked_{k}": p["metrics"]["test"].get(k) for k in ("accuracy", "loss", "mae")}  # pretraining quality
+    for arm, summ, steps, more in (("none", s, s["steps"], {}), (n.objective, f, p["steps"] + f["steps"], masked)):
       rep.rows.append(summary_row(f"{task}/{model}/{'scratch' if arm == 'none' else 'spt'}/seed{seed}", summ, seed,
                                   task=task, model=model, init=init, pretraining=arm, steps=int(steps),
-                                  wall_s=float(summ["wall_s"]) + extra))
-    pm_ = p.get("metrics", {}).get("test", {})
-    pretraining.append({"task": task, "model": model, "seed": seed, "masked_acc": pm_.get("accuracy"),
-                        "masked_loss": pm_.get("loss"), "masked_mae": pm_.get("mae")})
+                                  wall_s=summ["wall_s"] + (p["wall_s"] if more else 0), **more))
   table = aggregate(rep.rows, by=("task", "model", "pretraining"))
   majority = {t: majority_baseline(ds.splits["test"].arrays["label"])["accuracy"] for t, ds in sets.items()}
   b = exp.base
@@ -110,7 +107,7 @@ def run(config, workdir: str) -> dict:
 
   rep.table(("task", "model", "majority class (%)", "from scratch (%)", f"SPT {n.objective} + fine-tune (%)",
              "gain"), [arms(t, m) for t in tasks for m in models], caption="Test accuracy")
-  acc, mae = (aggregate(pretraining, ("task", "model"), v) for v in ("masked_acc", "masked_mae"))
+  acc, mae = (aggregate(rep.rows, ("task", "model"), v) for v in ("masked_accuracy", "masked_mae"))
   rep.table(("task", "model", "masked accuracy (%)", "masked MAE"),
             [(t, m, pm(lookup(acc, task=t, model=m)), pm(lookup(mae, task=t, model=m), 1, 4))
              for t in tasks for m in models], caption="Pretraining quality on the test split's masked positions")
