@@ -121,10 +121,11 @@ def _stored(path: str, gene_key: str) -> dict:
 
 def _evaluate_expansion(exp: Experiment, aux: str, transform: str, args: dict) -> tuple[float, int]:
   """Test accuracy and parameter count of the expanded descendant before any fine-tuning (in memory)."""
-  from jaxlab import build, checkpoint, data, train, transforms
+  from jaxlab import build, checkpoint, data, evaluate, transforms
   out = transforms.apply(transform, [checkpoint.load(aux)], args)
   ds = data.get_dataset(exp.base.data)
-  acc = train.evaluate(build.model(out.meta["model"], ds.num_classes), out.theta, out.model_state, ds, "test", 256)
+  acc = evaluate.evaluate(build.model(out.meta["model"], ds.num_classes), out.theta, out.model_state, ds, "test",
+                          256)
   return float(acc["accuracy"]), int(out.report["descendant_params"])
 
 

@@ -65,8 +65,8 @@ def run(config, workdir: str) -> dict:
   def row(name: str, ratio: float, seed: int, path: str, test_acc: float | None = None, steps: int = 0):
     loaded = checkpoint.load(path)
     if test_acc is None:
-      from jaxlab import train
-      test_acc = train.evaluate_checkpoint(path, "test", int(p.eval_batch_size))["accuracy"]
+      from jaxlab import evaluate
+      test_acc = evaluate.evaluate_checkpoint(path, "test", int(p.eval_batch_size))["accuracy"]
     arch, data_meta = str(sorted(loaded.meta["model"].items())), loaded.meta["data"]
     if arch not in speed:  # measured once per architecture
       speed[arch] = forward_throughput(loaded.module, loaded.params, loaded.model_state,
