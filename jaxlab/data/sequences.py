@@ -185,6 +185,7 @@ def _cached_listops(cfg, n: int, **kw) -> tuple[np.ndarray, np.ndarray]:
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
   with os.fdopen(fd, "wb") as f:
     np.savez_compressed(f, x=x.astype(np.uint8), y=y.astype(np.uint8))
+  os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like any generated data
   os.replace(tmp, path)  # atomic: concurrent builders never read a partial file
   return x, y
 
