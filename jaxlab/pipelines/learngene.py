@@ -1,16 +1,12 @@
 """The learngene experiment (TLEG and SWS): teacher -> auxiliary nets -> descendants vs scratch.
 
-Stages (sub-workdirs of `workdir`, declared over the config's top-level keys; `ml_collections_configs/learngene.py`
-holds every default):
-
-  teacher                     a larger ViT trained with cross entropy (skipped with learngene.teacher_path)
-  <method>_aux                the auxiliary net (`linear_learngene` for tleg, `stage_sharing` for sws),
-                              trained by soft distillation from the teacher
-  <method>_d<L>_s<seed>       descendant of depth L: `init_from` the aux through `expand_learngene` /
-                              `expand_stages`, then fine-tuned `finetune.steps`
-  scratch_d<L>_s<seed>        the same architecture from random init, same budget
-  scratch<k>x_d<L>_s<seed>    the same, k times the budget
-
+Stages (sub-workdirs of `workdir` over the config's top-level keys; defaults: `ml_collections_configs/learngene.py`):
+  teacher                   a larger ViT trained with cross entropy (skipped with learngene.teacher_path)
+  <method>_aux              the auxiliary net (`linear_learngene` for tleg, `stage_sharing` for sws), trained by
+                            soft distillation from the teacher
+  <method>_d<L>_expanded    its expansion to depth L (`expand_learngene` / `expand_stages`), before fine-tuning
+  <method>_d<L>_s<seed>     descendant of depth L: `init_from` the aux through that transform, fine-tuned
+  scratch_d<L>_s<seed>      the same architecture from random init, same budget; scratch<k>x_...: k times it
 Writes results.json (one row per model), results.md and accuracy_vs_depth.png.
 """
 
@@ -20,9 +16,9 @@ import os
 
 import numpy as np
 
-from jaxlab import configs, pipelines, trees
+from jaxlab import configs, evaluate, pipelines, trees
 from jaxlab.experiments.report import Report, aggregate, errorbars, lookup, pm, summary_row
-from jaxlab.experiments.runner import Experiment, TrainStage
+from jaxlab.experiments.runner import Experiment, TrainStage, TransformStage
 
 METHODS = {"tleg": ("expand_learngene", "learngene"), "sws": ("expand_stages", "stages")}  # transform, gene key
 AUX = ("teacher", "tleg_aux", "sws_aux")
@@ -34,7 +30,7 @@ def method_depths(g, method: str) -> list[int]:
 
 
 def _train(model: dict, steps: int, lr: float, warmup: int, seed: int = 0, **more) -> dict:
-  return {"model": dict(model), "total_steps": int(steps), "total_epochs": 0.0, "optimizer.lr": float(lr),
+  return {"model": dict(model), "total_steps": int(steps), "optimizer.lr": float(lr),
           "optimizer.warmup_steps": int(warmup), "seed": int(seed), **more}
 
 
@@ -95,9 +91,11 @@ def run(config, workdir: str) -> dict:
     genes[m] = _stored(exp.path(f"{m}_aux"), gene_key)
     for depth in method_depths(g, m):
       if g.eval_expanded:
-        acc, n = _evaluate_expansion(exp, exp.path(f"{m}_aux"), transform, _expand_args(g, m, depth, 0))
-        rows.append({"name": f"{m}_d{depth}_expanded", "seed": 0, "test_acc": acc, "val_acc": None, "params": n,
-                     "wall_s": 0.0, "method": f"{m}_expanded", "depth": depth, "train_steps": 0, "init": "learngene"})
+        name = f"{m}_d{depth}_expanded"
+        out = exp.run(TransformStage(name, transform, [exp.path(f"{m}_aux")], _expand_args(g, m, depth, 0)))
+        acc = evaluate.evaluate_checkpoint(exp.path(name), "test", data_cfg=exp.base.data)["accuracy"]
+        rows.append(summary_row(name, {"test_accuracy": acc, "params": out["report"]["descendant_params"]},
+                                method=f"{m}_expanded", depth=depth, train_steps=0, init="learngene"))
       for seed in g.seeds:
         stage(f"{m}_d{depth}_s{seed}", m, depth, seed, "learngene", f.steps, _train(
             _descendant(g, depth), f.steps, f.lr, f.warmup, seed, **{
@@ -117,16 +115,6 @@ def _stored(path: str, gene_key: str) -> dict:
   theta = checkpoint.load(path).theta
   return {"gene_params": trees.count(theta[gene_key]),
           "shared_params": trees.count({k: v for k, v in theta.items() if k != gene_key})}
-
-
-def _evaluate_expansion(exp: Experiment, aux: str, transform: str, args: dict) -> tuple[float, int]:
-  """Test accuracy and parameter count of the expanded descendant before any fine-tuning (in memory)."""
-  from jaxlab import build, checkpoint, data, evaluate, transforms
-  out = transforms.apply(transform, [checkpoint.load(aux)], args)
-  ds = data.get_dataset(exp.base.data)
-  acc = evaluate.evaluate(build.model(out.meta["model"], ds.num_classes), out.theta, out.model_state, ds, "test",
-                          256)
-  return float(acc["accuracy"]), int(out.report["descendant_params"])
 
 
 def report(exp: Experiment, rows: list[dict], genes: dict, k: int) -> dict:
