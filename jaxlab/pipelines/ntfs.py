@@ -18,40 +18,34 @@ from jaxlab.experiments import Experiment, Report, TrainStage, aggregate, lookup
 from jaxlab.models import s4d
 
 
-def model_config(n, model: str, info: dict, *, pretrain: bool) -> dict:
-  """`ntfs.model.<model>` with the task's keys from the data set and the pretraining head when `pretrain`."""
-  if model not in n.model:
-    raise ValueError(f"config.ntfs.model.{model}: no model config; have {sorted(n.model.keys())}")
-  m = {**n.model[model].to_dict(), "name": model, "vocab_size": int(info.get("vocab_size", 0)),
-       "input_channels": int(info.get("input_channels", 1))}
-  if model == "transformer_seq" and not m.get("max_len"):
-    m["max_len"] = int(info["seq_len"])
-  m["causal"] = bool(m.get("causal", False)) or n.objective == "causal"
-  if not pretrain:
-    return {**m, "output": "classify", "mask_channel": False, "out_dim": 0}
-  values = 256 if n.pixel_loss == "ce" else m["input_channels"]
-  return {**m, "output": "per_position", "out_dim": m["vocab_size"] or values,
-          "mask_channel": not m["vocab_size"] and n.objective == "denoise"}
-
-
 def stages(exp: Experiment, task: str, model: str, seed: int, info: dict) -> list[TrainStage]:
   """The scratch, pretraining and fine-tuning stages of one task x model x seed."""
   n, base = exp.section, exp.base
   pre, ft = int(n.pretrain_steps), int(n.finetune_steps)
   if pre <= 0 or ft <= 0:
     raise ValueError(f"config.ntfs.pretrain_steps and finetune_steps must be positive, got {pre}, {ft}")
+  if model not in n.model:
+    raise ValueError(f"config.ntfs.model.{model}: no model config; have {sorted(n.model.keys())}")
+  vocab, channels = int(info.get("vocab_size", 0)), int(info.get("input_channels", 1))
+  denoise = n.objective == "denoise"
+  m = {**n.model[model].to_dict(), "name": model, "vocab_size": vocab, "input_channels": channels,
+       "causal": bool(n.model[model].get("causal", False)) or not denoise}  # the task's keys from the data set
+  if model == "transformer_seq" and not m.get("max_len"):
+    m["max_len"] = int(info["seq_len"])
+  heads = {"classify": {"output": "classify", "mask_channel": False, "out_dim": 0},  # pretraining: per position
+           "pretrain": {"output": "per_position", "mask_channel": not vocab and denoise,
+                        "out_dim": vocab or (256 if n.pixel_loss == "ce" else channels)}}
 
   def stage(arm, steps, lr, **over):
     common = {"seed": seed, "total_steps": steps, "optimizer.lr": float(lr),
-              "data": {**base.data.to_dict(), **n.data[task].to_dict()},
-              "model": model_config(n, model, info, pretrain=arm == "spt_pretrain")}
+              "model": {**m, **heads["pretrain" if arm == "spt_pretrain" else "classify"]},
+              "data": {**base.data.to_dict(), **n.data[task].to_dict()}}
     if model == "s4d_seq":
       rules, no_decay = s4d.optimizer_rules(float(lr), float(n.ssm_lr))
       common.update({"optimizer.lr_rules": rules + tuple(base.optimizer.lr_rules),
                      "optimizer.no_decay": tuple(base.optimizer.no_decay) + no_decay})
     return TrainStage(f"{task}/{model}/{arm}/seed{seed}", {**common, **over})
 
-  vocab, denoise = int(info.get("vocab_size", 0)), n.objective == "denoise"
   loss = f"{'denoise' if denoise else 'causal'}_{'ce' if vocab or n.pixel_loss == 'ce' else 'l1'}"
   return [stage("scratch", pre + ft, base.optimizer.lr),
           stage("spt_pretrain", pre, n.pretrain_lr, **{
