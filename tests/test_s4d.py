@@ -329,6 +329,10 @@ def test_pipeline_smoke_writes_results_and_resumes(tmp_path):
   assert again == out
   with pytest.raises(ValueError, match="smoke"):
     _load_config("big")
+  cfg.s4d.inits = ("lin", "hippo")
+  with pytest.raises(ValueError, match=r"config.s4d.inits: unknown \['hippo'\]"):
+    main.run(cfg, str(tmp_path / "bad"))
+  assert not (tmp_path / "bad" / "seq_digits").exists()  # refused before anything trained
 
 
 def _report(table, majority, workdir):

@@ -41,20 +41,16 @@ def run(config, workdir: str) -> dict:
   """Trains every stage of `config.s4d`, then reports.
 
   Raises:
-    ValueError: a task without a data config, or an init/disc the layer does not know.
+    ValueError: a task without a data config (`s4d.data.<task>`), or an init/disc the layer does not know.
   """
   exp = Experiment(config, workdir, section="s4d")
   s = exp.section
   for key, kind in dict(tasks=str, inits=str, discs=str, disc_tasks=str, seeds=int).items():
     s[key] = configs.as_tuple(s[key], kind)
-  for task in s.tasks:
-    if task not in s.data:
-      raise ValueError(f"config.s4d.tasks: no data config for task {task!r} in config.s4d.data")
-  for init in s.inits:
-    s4d_lib.init_ab(init, 4)
-  for disc in s.discs:
-    if disc not in s4d_lib.DISCS:
-      raise ValueError(f"config.s4d.discs: unknown discretization {disc!r}; choose from {s4d_lib.DISCS}")
+  checks = (("tasks", s.tasks, s.data), ("inits", s.inits, s4d_lib.INITS), ("discs", s.discs, s4d_lib.DISCS))
+  for key, got, known in checks:
+    if set(got) - set(known):  # before anything trains
+      raise ValueError(f"config.s4d.{key}: unknown {sorted(set(got) - set(known))}; choose from {sorted(known)}")
   sets = {task: data.get_dataset(s.data[task]) for task in s.tasks}
   todo = stages(exp, {t: ds.info for t, ds in sets.items()})
   rep = Report(exp, "S4D: initialisations and discretizations on the built-in sequence tasks")
