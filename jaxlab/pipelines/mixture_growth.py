@@ -67,13 +67,14 @@ def run(config, workdir: str) -> dict:
   def train(sd, name, seed, model, steps, **over):
     return exp.run(TrainStage(f"{sd}/{name}", {"seed": seed, "model": model, "total_steps": steps, **over}))
 
-  def grow(sd, seed, name, init, transform, inputs, args):  # the transform stage `init`, then grow_steps from it
+  def grow(sd, seed, name, init, transform, inputs, args):
+    """The transform stage `init`, then stage `name`: grow_steps at grow_lr from it; (summary, test acc at init)."""
     init = exp.run(TransformStage(f"{sd}/{init}", transform, inputs, args))["workdir"]
     meta = checkpoint.load_meta(init)
-    return train(sd, name, seed, meta["model"], gs, **{
+    summary = train(sd, name, seed, meta["model"], gs, **{
         "parameterization": meta.get("parameterization", {"name": "identity"}), "optimizer.lr": float(g.grow_lr),
-        "optimizer.warmup_steps": int(g.grow_warmup), "init_from.path": init}), \
-        evaluate.evaluate_checkpoint(init, "test")["accuracy"]
+        "optimizer.warmup_steps": int(g.grow_warmup), "init_from.path": init})
+    return summary, evaluate.evaluate_checkpoint(init, "test")["accuracy"]
 
   for seed in configs.as_tuple(g.seeds, int):
     sd = f"seed{seed}"
