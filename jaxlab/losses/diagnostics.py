@@ -60,7 +60,7 @@ def gradient_ratios(term_values: Callable[[Any], Mapping[str, jax.Array]], theta
       raise ValueError(f"loss diagnostics: no value for the weighted terms {missing}")
     return {k: weights[k] * vals[k].astype(jnp.float32) for k in weights}, vals
 
-  grads, vals = jax.jacrev(weighted, has_aux=True)(theta)
+  grads, vals = jax.jit(jax.jacrev(weighted, has_aux=True))(theta)  # one compiled program, not op by op
   flat = {k: _flat(g) for k, g in grads.items()}
   norms = {k: float(jnp.linalg.norm(v)) for k, v in flat.items()}
   t_vec, t_norm = flat[task], norms[task]
