@@ -11,7 +11,8 @@ Either `lra_release/` or the nested `lra_release/lra_release/` works as `data.lr
   are tokenised as the S4 code does: whitespace split, parentheses dropped, then the built-in ListOps ids
   (`jaxlab.data.sequences.LISTOPS_VOCAB`: `<pad>`=0, `[MIN`..`[SM`=1..4, `]`=5, digits 6..15), truncated
   to `data.max_length` (LRA: 2000) and right-padded with 0. Each example carries its true `length`
-  (tokens before padding); sequence models pool over real tokens with `model.pool_pad_id = 0`.
+  (tokens before padding); sequence models compute and pool over the real tokens (`model.pool_pad_id`,
+  default 0 for token inputs; docs/fairness.md).
   Splits: train, validation (= val), test as released.
 `lra_pathfinder`: `pathfinder{R}/{difficulty dir}/metadata/*.npy` (text files despite the name; each line
   `imgs/<k> sample_<n>.png <id> <label> ...`, the label in the fourth field, as LRA's own TFDS builder
