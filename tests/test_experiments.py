@@ -80,6 +80,14 @@ def test_stages_record_overrides_and_are_skipped_when_done(tmp_path, fake_jobs):
   with pytest.raises(ValueError, match=r"stage 'a/s0' is done with optimizer.lr=0.5 but is now asked for"):
     Experiment(_config(), wd, "toy").run(TrainStage("a/s0", {"optimizer.lr": 0.1, "total_steps": 3,
                                                              "model": {"name": "vit", "depth": 3}}))
+  # a moved workdir resumes: paths inside it are compared relative to it
+  moved = str(tmp_path.parent / (tmp_path.name + "_moved"))
+  os.rename(wd, moved)
+  exp2 = Experiment(_config(), moved, "toy")
+  exp2.run(TrainStage("a/s0", {"optimizer.lr": 0.5, "total_steps": 3, "model": {"name": "vit", "depth": 3}}))
+  exp2.run(TransformStage("soup", "uniform_soup", [exp2.path("a/s0"), exp2.path("a/s0")], {"scale": 1.0}))
+  assert fake_jobs == {"train": 1, "transform": 1} and all(st["skipped"] for st in exp2.stages)
+  os.rename(moved, wd)
   # results.md shows the overrides of every stage
   rep = Report(exp, "Toy")
   rep.write()

@@ -161,7 +161,7 @@ class Experiment:
     t0 = time.time()
     done = _read(os.path.join(sub, DONE_FILE))
     if done is not None:
-      _check_same(stage.name, done["request"], request)
+      _check_same(stage.name, _portable(done["request"], done.get("root")), _portable(request, self.workdir))
       self.stages.append({"name": stage.name, "request": request, "skipped": True, "wall_s": 0.0})
       return done["summary"]
     os.makedirs(sub, exist_ok=True)
@@ -172,7 +172,8 @@ class Experiment:
     else:
       summary = _transform(sub, request)
     summary = jsonable(summary)
-    _write(os.path.join(sub, DONE_FILE), {"request": request, "summary": summary})
+    _write(os.path.join(sub, DONE_FILE), {"request": request, "summary": summary,
+                                          "root": os.path.abspath(self.workdir)})
     self.stages.append({"name": stage.name, "request": request, "skipped": False, "wall_s": time.time() - t0})
     return summary
 
@@ -196,6 +197,15 @@ def _transform(sub: str, request: dict) -> dict:
   cfg = ml_collections.ConfigDict({"job": "transform", "transform": request["transform"],
                                    "inputs": tuple(request["inputs"]), "args": dict(request["args"])})
   return engine.run(cfg, sub)
+
+
+def _portable(request: dict, root: str | None) -> dict:
+  """`request` with paths inside the experiment's workdir `root` written `<workdir>/...`, so that a moved workdir
+  still resumes."""
+  if not root:
+    return request
+  text = json.dumps(request).replace(json.dumps(os.path.abspath(root) + os.sep)[1:-1], "<workdir>/")
+  return json.loads(text)
 
 
 def _check_same(name: str, old: dict, new: dict) -> None:
