@@ -57,6 +57,11 @@ def get_config(arg: str | None = None):
   s.learned_steps = 50            # on the 180-image heldout split
   s.learned_lr = 0.05             # AdamW, no weight decay (as learned_bylayer.py)
   s.learned_batch_size = 60
+  # the learned-soup stage's fixed settings (sections of the base config it overrides)
+  s.learned_stage = ml_collections.ConfigDict(dict(
+      optimizer=dict(weight_decay=0.0, warmup_steps=0, schedule="constant", grad_clip=0.0),
+      objective=dict(label_smoothing=0.0), model=dict(drop_path=0.0),
+      data=dict(aug_shift=0, aug_noise=0.0, train_split="heldout")))
   s.interp_alphas = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
   if arg == "smoke":
     c.model.width = 16

@@ -16,6 +16,7 @@ from jaxlab.experiments import (
     claim,
     command,
     derive,
+    dotted,
     machine,
     majority_baseline,
     precondition,
@@ -39,6 +40,8 @@ def test_derive_refuses_unknown_keys_and_replaces_sections():
   d = derive(c, **{"optimizer.lr": 0.25, "model": {"name": "vit", "depth": 3}})
   assert d.optimizer.lr == 0.25 and d.model.to_dict() == {"name": "vit", "depth": 3}
   assert c.optimizer.lr == 1e-3 and "depth" not in c.model  # the base is untouched
+  assert dotted({"optimizer": {"lr": 0.1, "b1": 0.8}, "seed": 3}) == {"optimizer.lr": 0.1, "optimizer.b1": 0.8,
+                                                                       "seed": 3}
 
 
 @pytest.fixture

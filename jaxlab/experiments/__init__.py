@@ -40,11 +40,12 @@ from jaxlab.experiments.runner import (
     TrainStage,
     TransformStage,
     derive,
+    dotted,
     jsonable,
 )
 
 __all__ = [
     "DONE_FILE", "REQUEST_FILE", "STD_NOTE", "VERDICTS", "Experiment", "Report", "TrainStage", "TransformStage",
-    "aggregate", "claim", "command", "derive", "errorbars", "figure", "jsonable", "lookup", "machine",
+    "aggregate", "claim", "command", "derive", "dotted", "errorbars", "figure", "jsonable", "lookup", "machine",
     "majority_baseline", "markdown_table", "pm", "precondition", "split_labels", "stats", "summary_row",
 ]

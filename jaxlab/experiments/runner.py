@@ -88,6 +88,18 @@ def derive(config, overrides: Mapping[str, Any] | None = None, /, **dotted) -> m
   return out
 
 
+def dotted(section, prefix: str = "") -> dict[str, Any]:
+  """A nested config section as dotted-key overrides: {'optimizer': {'lr': 0.1}} -> {'optimizer.lr': 0.1}; how a
+  config file declares a stage's fixed settings (ConfigDict keys cannot hold dots)."""
+  out = {}
+  for k, v in (section.items() if hasattr(section, "items") else ()):
+    if isinstance(v, (Mapping, ml_collections.ConfigDict)):
+      out.update(dotted(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def _read(path: str) -> dict | None:
   if not os.path.exists(path):
     return None

@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from jaxlab import checkpoint, data, pipelines
-from jaxlab.experiments import Experiment, Report, TrainStage, TransformStage, majority_baseline
+from jaxlab.experiments import Experiment, Report, TrainStage, TransformStage, dotted, majority_baseline
 from jaxlab.transforms import soups
 
 SPLITS = ("heldout", "test", "test_shift")
@@ -104,13 +104,10 @@ def run(config, workdir: str) -> dict:
             ["chosen"]]
   rows[-1].update(ingredients=len(chosen), chosen=chosen)
   learned = trained("learned_soup_train", {
-      "seed": seed, "total_steps": int(sc.learned_steps), "optimizer.lr": float(sc.learned_lr),
-      "optimizer.weight_decay": 0.0, "optimizer.warmup_steps": 0, "optimizer.schedule": "constant",
-      "optimizer.grad_clip": 0.0, "objective.label_smoothing": 0.0, "data.aug_shift": 0, "data.aug_noise": 0.0,
-      "data.batch_size": int(sc.learned_batch_size), "data.train_split": "heldout", "model.drop_path": 0.0,
-      "parameterization": {"name": "soup_mixture", "ingredients": tuple(paths),
-                           "granularity": str(sc.learned_granularity)}}, "soup", "learned_soup", ingredients=len(paths),
-      trained_on="heldout")
+      **dotted(sc.learned_stage), "seed": seed, "total_steps": int(sc.learned_steps),
+      "optimizer.lr": float(sc.learned_lr), "data.batch_size": int(sc.learned_batch_size), "parameterization": {
+          "name": "soup_mixture", "ingredients": tuple(paths), "granularity": str(sc.learned_granularity)}},
+      "soup", "learned_soup", ingredients=len(paths), trained_on=sc.learned_stage.data.train_split)
   rows[-1].update(mixing_params=int(learned["trainable"]), params=rows[0]["params"])
   exp.run(TransformStage("learned_soup", "materialize", [exp.path("learned_soup_train")]))
 
