@@ -30,3 +30,10 @@ def forward_throughput(module, params, model_state, input_shape, input_dtype, ba
     fn(params, model_state, x).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return batch / best
+
+
+def checkpoint_throughput(loaded, batch: int = 256, reps: int = 10) -> float:
+  """`forward_throughput` of a loaded checkpoint (`checkpoint.load`), its input shape and dtype from its meta."""
+  data = loaded.meta["data"]
+  return forward_throughput(loaded.module, loaded.params, loaded.model_state, tuple(data["input_shape"]),
+                            data.get("input_dtype", "float32"), batch, reps)

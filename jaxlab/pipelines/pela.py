@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import os
 
-import jax
-import numpy as np
-
-from jaxlab import checkpoint, configs, pipelines
-from jaxlab.experiments.measure import forward_throughput
+from jaxlab import checkpoint, configs, pipelines, trees
+from jaxlab.experiments.measure import checkpoint_throughput
 from jaxlab.experiments.report import Report, aggregate, errorbars, lookup, pm
 from jaxlab.experiments.runner import Experiment, TrainStage, TransformStage
 
@@ -67,14 +64,12 @@ def run(config, workdir: str) -> dict:
     if test_acc is None:
       from jaxlab import evaluate
       test_acc = evaluate.evaluate_checkpoint(path, "test", int(p.eval_batch_size))["accuracy"]
-    arch, data_meta = str(sorted(loaded.meta["model"].items())), loaded.meta["data"]
+    arch = str(sorted(loaded.meta["model"].items()))
     if arch not in speed:  # measured once per architecture
-      speed[arch] = forward_throughput(loaded.module, loaded.params, loaded.model_state,
-                                       tuple(data_meta["input_shape"]), data_meta.get("input_dtype", "float32"),
-                                       int(p.throughput_batch), int(p.throughput_reps))
+      speed[arch] = checkpoint_throughput(loaded, int(p.throughput_batch), int(p.throughput_reps))
     rows.append({"name": name, "ratio": float(ratio), "seed": int(seed), "test_acc": float(test_acc),
-                 "params": int(sum(np.size(x) for x in jax.tree.leaves(loaded.params))),
-                 "examples_per_s": float(speed[arch]), "steps": int(steps), "workdir": path})
+                 "params": trees.count(loaded.params), "examples_per_s": float(speed[arch]), "steps": int(steps),
+                 "workdir": path})
 
   # 1. the dense teacher
   if p.teacher_path:
