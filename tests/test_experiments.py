@@ -13,6 +13,7 @@ from jaxlab.experiments import (
     TrainStage,
     TransformStage,
     aggregate,
+    check_rows,
     claim,
     command,
     derive,
@@ -167,3 +168,11 @@ def test_report_writes_rows_preconditions_claims_and_figures(tmp_path, fake_jobs
   md = open(tmp_path / "results.md").read()
   assert "60.0 ± 14.1" in md and "(mean ± sample std over seeds (ddof=1" in md and "**not tested**" in md
   assert os.path.getsize(tmp_path / "toy.png") > 0
+
+
+def test_rows_follow_the_schema():
+  check_rows([{"name": "a", "seed": 0, "test_acc": 0.5, "shift_acc": None, "params": 10}])
+  with pytest.raises(ValueError, match=r"row 1 .*needs a str 'name' and an int 'seed'"):
+    check_rows([{"name": "a", "seed": 0}, {"name": "b"}])
+  with pytest.raises(ValueError, match=r"row 0 \(a\): test_acc=87.5 is not a fraction"):
+    check_rows([{"name": "a", "seed": 0, "test_acc": 87.5}])  # a percentage where a fraction belongs

@@ -19,6 +19,7 @@ from jaxlab.experiments.report import (
     VERDICTS,
     Report,
     aggregate,
+    check_rows,
     claim,
     command,
     errorbars,
@@ -46,6 +47,6 @@ from jaxlab.experiments.runner import (
 
 __all__ = [
     "DONE_FILE", "REQUEST_FILE", "STD_NOTE", "VERDICTS", "Experiment", "Report", "TrainStage", "TransformStage",
-    "aggregate", "claim", "command", "derive", "dotted", "errorbars", "figure", "jsonable", "lookup", "machine",
-    "majority_baseline", "markdown_table", "pm", "precondition", "split_labels", "stats", "summary_row",
+    "aggregate", "check_rows", "claim", "command", "derive", "dotted", "errorbars", "figure", "jsonable", "lookup",
+    "machine", "majority_baseline", "markdown_table", "pm", "precondition", "split_labels", "stats", "summary_row",
 ]

@@ -72,6 +72,20 @@ def aggregate(rows: Sequence[dict], by: str | Sequence[str] = "name", value: str
   return out
 
 
+def check_rows(rows: Sequence[dict]) -> None:
+  """The row schema: a dict with a str `name`, an int `seed`, and every `*_acc` field None or a fraction in [0, 1].
+
+  Raises:
+    ValueError: naming the first row that breaks it and how.
+  """
+  for i, r in enumerate(rows):
+    if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not isinstance(r.get("seed"), int):
+      raise ValueError(f"results row {i} ({str(r)[:80]}): a row needs a str 'name' and an int 'seed'")
+    bad = [k for k, v in r.items() if k.endswith("_acc") and v is not None and not 0.0 <= v <= 1.0]
+    if bad:
+      raise ValueError(f"results row {i} ({r['name']}): {bad[0]}={r[bad[0]]} is not a fraction in [0, 1]")
+
+
 def summary_row(name: str, summary: dict, seed: int = 0, **fields) -> dict:
   """A row from a train stage's summary: name, seed, test_acc, val_acc, params, wall_s, and `fields`."""
   return {"name": name, "seed": int(seed), "test_acc": summary.get("test_accuracy"),
@@ -266,6 +280,7 @@ class Report:
   def results(self) -> dict:
     """The results.json object."""
     from jaxlab.experiments.runner import jsonable
+    check_rows(self.rows)
     exp = self.exp
     return jsonable({
         "title": self.title, "command": command(exp.workdir, exp.config_file), "machine": machine(),
