@@ -176,3 +176,17 @@ def test_rows_follow_the_schema():
     check_rows([{"name": "a", "seed": 0}, {"name": "b"}])
   with pytest.raises(ValueError, match=r"row 0 \(a\): test_acc=87.5 is not a fraction"):
     check_rows([{"name": "a", "seed": 0, "test_acc": 87.5}])  # a percentage where a fraction belongs
+
+
+def test_readme_verdicts_table_quotes_the_claims_lists(tmp_path):
+  import sys
+
+  from conftest import ROOT
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import update_readme
+  for name, claims in (("a", [{"claim": "A beats B", "verdict": "holds", "evidence": "+3"}]),
+                       ("b", {"old_style": True}), ("c", [])):
+    (tmp_path / "results" / name).mkdir(parents=True)
+    (tmp_path / "results" / name / "results.json").write_text(json.dumps({"rows": [], "claims": claims}))
+  lines = update_readme.verdict_table(str(tmp_path)).splitlines()
+  assert lines[3] == "| [a](results/a/results.md) | A beats B | **holds** |" and len(lines) == 5  # b, c: no rows
