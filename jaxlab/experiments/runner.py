@@ -15,6 +15,7 @@ something else (other overrides) is refused with one line naming the stage and t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -57,7 +58,7 @@ def jsonable(x):
   return json.loads(json.dumps(x, default=_json_default))
 
 
-def derive(config, overrides: Mapping[str, Any] | None = None, /, **dotted) -> ml_collections.ConfigDict:
+def derive(config, overrides: Mapping[str, Any] | None = None, /, **more) -> ml_collections.ConfigDict:
   """An unlocked copy of `config` with dotted-key overrides applied.
 
   `derive(c, **{'optimizer.lr': 1e-3, 'model': {...}})` or `derive(c, {'optimizer.lr': 1e-3})`. Every key must
@@ -68,7 +69,7 @@ def derive(config, overrides: Mapping[str, Any] | None = None, /, **dotted) -> m
     ValueError: a key that `config` does not have, or a value of the wrong type, naming the key.
   """
   out = ml_collections.ConfigDict(config.to_dict())
-  for key, value in {**(overrides or {}), **dotted}.items():
+  for key, value in {**(overrides or {}), **more}.items():
     node, parts = out, key.split(".")
     for i, part in enumerate(parts):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -77,8 +78,9 @@ def derive(config, overrides: Mapping[str, Any] | None = None, /, **dotted) -> m
                          "the config declares (declare it in the config file)")
       if i < len(parts) - 1:
         node = node[part]
-    if isinstance(value, Mapping):
-      value = ml_collections.ConfigDict(dict(value))
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):  # a copy: a stage never shares the caller's dicts
+      plain = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else dict(value)
+      value = ml_collections.ConfigDict(copy.deepcopy(plain))
     try:
       if isinstance(value, ml_collections.ConfigDict) or isinstance(node[parts[-1]], ml_collections.ConfigDict):
         del node[parts[-1]]  # a section is replaced as a whole
@@ -148,9 +150,9 @@ class Experiment:
     """The absolute workdir of stage `name`."""
     return os.path.abspath(os.path.join(self.workdir, name))
 
-  def derive(self, **dotted) -> ml_collections.ConfigDict:
-    """`derive(self.base, **dotted)`."""
-    return derive(self.base, **dotted)
+  def derive(self, **overrides) -> ml_collections.ConfigDict:
+    """`derive(self.base, **overrides)`."""
+    return derive(self.base, **overrides)
 
   def run(self, stage: TrainStage | TransformStage) -> dict:
     """Runs `stage` unless its `stage.json` exists; returns its summary (recorded or fresh).
