@@ -74,7 +74,7 @@ def run(config, workdir: str) -> dict:
             caption="Test accuracy")
   claims(rep, table, majority, s)
   if s.plot:
-    rep.figure("accuracy.png", lambda ax: _bars(ax, table), size=(1.8 + 2.2 * len(s.tasks), 3.4))
+    rep.figure("accuracy.png", lambda ax: _bars(ax, table), size=(2.5 + 2.2 * len(s.tasks), 3.6))
     if s.kernel_task in s.tasks:
       rep.figure("kernels.png", lambda ax: _kernels(ax.figure, exp, todo, sets[s.kernel_task]))
   res = rep.write()
@@ -119,7 +119,7 @@ def _bars(ax, table: list[dict]) -> None:
            yerr=[100 * g["std"] for _, g in got], label=f"{init}/{disc}", capsize=2)
   ax.set_xticks(range(len(tasks)), tasks)
   ax.set_ylabel("test accuracy (%)")
-  ax.set_title("S4D initialisation / discretization (mean ± sample std over seeds)")
+  ax.set_title("S4D init / discretization\n(mean ± sample std over seeds)", fontsize=9)
   ax.legend(fontsize=7, ncol=2)
 
 
