@@ -151,12 +151,10 @@ def run(config, workdir: str) -> dict:
   rep.extra.update(tasks=list(mc.tasks), aggregate=groups)
   names = [g["name"] for g in groups["test_acc"]]  # pretrained, ft_*, merges, upper_bound
   names.insert(1 + len(mc.tasks), names.pop())  # the upper bound beside the fine-tunes
-  rep.text(f"Pre-trained on `{mc.pretrain_task}` digits for {mc.pretrain_steps} steps (lr {mc.pretrain_lr}); one "
-           f"fine-tune of {mc.finetune_steps} steps (lr {mc.finetune_lr}) per task ({', '.join(mc.tasks)}); seeds "
-           f"{list(mc.seeds)}. Accuracy on each task's test images. Scales (lambda) of the task-vector merges chosen "
-           f"on the mean held-out accuracy over {list(mc.scales)}. TIES density {mc.ties_density}, DARE density "
-           f"{mc.dare_density} (combine 'ties'), breadcrumbs density {mc.breadcrumbs_density} gamma "
-           f"{mc.breadcrumbs_gamma}; merges evaluated with {'each task' if mc.task_heads else 'the merged'} head.")
+  rep.text(f"Pre-trained on `{mc.pretrain_task}` digits ({mc.pretrain_steps} steps), one fine-tune per task "
+           f"({mc.finetune_steps} steps), merged; seeds {list(mc.seeds)}. Scales (lambda) of the task-vector merges "
+           f"chosen on the tasks' mean held-out accuracy over {list(mc.scales)}; merges evaluated with "
+           f"{'each task' if mc.task_heads else 'the merged'} head. Every stage's lr, densities and scale: Stages.")
   label = {"upper_bound": "per-task upper bound (each task's own fine-tune)"}
   rep.table(("model", "average", *mc.tasks), [(label.get(n, n), f"**{pm(lookup(groups['test_acc'], name=n))}**",
                                               *(pm(lookup(groups[f"test_{t}"], name=n)) for t in mc.tasks))
@@ -172,8 +170,8 @@ def run(config, workdir: str) -> dict:
 def _plot(axes, groups: dict, names: list[str], tasks) -> None:
   """Average test accuracy per model (sample-std error bars) and per-task accuracy of the merges."""
   avg = [lookup(groups["test_acc"], name=n) for n in names]
-  colors = ["gray" if n == "pretrained" else "tab:blue" if n.startswith("ft_") else "black" if n == "upper_bound"
-            else "tab:orange" for n in names]
+  colors = [{"pretrained": "gray", "upper_bound": "black"}.get(n, "tab:blue" if n[:3] == "ft_" else "tab:orange")
+            for n in names]
   axes[0].bar(range(len(names)), [100 * g["mean"] for g in avg], yerr=[100 * g["std"] for g in avg], color=colors,
               capsize=3)
   axes[0].set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
