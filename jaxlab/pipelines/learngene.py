@@ -169,7 +169,7 @@ def report(exp: Experiment, rows: list[dict], genes: dict, k: int) -> dict:
   rep.extra["summary"] = summary
   rep.figure("accuracy_vs_depth.png", lambda ax: _plot(ax, table, aux))
   res = rep.write()
-  return {"workdir": os.path.abspath(exp.workdir), "summary": summary,
+  return {"workdir": os.path.abspath(exp.workdir), "wall_s": res["wall_s"], "summary": summary,
           "verdicts": [c["verdict"] for c in res["claims"]]}
 
 
