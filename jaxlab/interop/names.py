@@ -238,7 +238,7 @@ def transpose_into(dst: np.ndarray, src: np.ndarray, rows: int = 256) -> bool:
   return True
 
 
-def _copy_tiles(dst: np.ndarray, src: np.ndarray, block: int = 128) -> None:
+def _copy_tiles(dst: np.ndarray, src: np.ndarray, block: int = 256) -> None:
   n, m = src.shape
   for r in range(0, n, block):
     for c in range(0, m, block):
@@ -249,9 +249,9 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
   """`dst[...] = src` (casting), bit for bit; a large transposed 2D view is copied by BLAS or in square tiles.
 
   numpy copies a transposed view element by element in the destination's order, reading the source with a
-  large stride (a cache miss per element). OpenBLAS's `somatcopy` (float32, 2.2x numpy's tiles measured on a
-  ViT-B's kernels) or tiles of 128 x 128 (which keep both sides in cache; 5-8x faster than numpy's plain
-  copy, 256 and 64 slower) avoid that.
+  large stride (a cache miss per element). OpenBLAS's `somatcopy` (float32; 1.3-1.5x numpy's tiles on a
+  ViT-B's MLP kernels) or tiles of 256 x 256 (which keep both sides in cache; 3-5x numpy's plain copy; 64
+  and 128 within the noise of it) avoid that.
   """
   if src.ndim == 2 and src.size >= 1 << 16 and not src.flags.c_contiguous:
     if not (src.T.flags.c_contiguous and transpose_into(dst, src.T)):
