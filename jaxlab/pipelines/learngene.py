@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from jaxlab import configs, evaluate, pipelines, trees
+from jaxlab import checkpoint, configs, evaluate, pipelines, trees
 from jaxlab.experiments.report import Report, aggregate, errorbars, lookup, pm, summary_row
 from jaxlab.experiments.runner import Experiment, TrainStage, TransformStage
 
@@ -88,7 +88,8 @@ def run(config, workdir: str) -> dict:
   # same architectures with the same and k times the budget
   for m in g.methods:
     transform, gene_key = METHODS[m]
-    genes[m] = _stored(exp.path(f"{m}_aux"), gene_key)
+    theta = checkpoint.load(exp.path(f"{m}_aux")).theta  # the learngene and the single copies beside it
+    genes[m] = (trees.count(theta[gene_key]), trees.count({k: v for k, v in theta.items() if k != gene_key}))
     for depth in method_depths(g, m):
       if g.eval_expanded:
         name = f"{m}_d{depth}_expanded"
@@ -107,14 +108,6 @@ def run(config, workdir: str) -> dict:
         stage(f"{arm.replace('_', '')}_d{depth}_s{seed}", arm, depth, seed, "random", steps, _train(
             _descendant(g, depth), steps, g.scratch.lr, g.scratch.warmup * (steps // f.steps), seed))
   return report(exp, rows, genes, k)
-
-
-def _stored(path: str, gene_key: str) -> dict:
-  """Parameters of the learngene (`theta[gene_key]`) and of the single copies beside it in an aux checkpoint."""
-  from jaxlab import checkpoint
-  theta = checkpoint.load(path).theta
-  return {"gene_params": trees.count(theta[gene_key]),
-          "shared_params": trees.count({k: v for k, v in theta.items() if k != gene_key})}
 
 
 def report(exp: Experiment, rows: list[dict], genes: dict, k: int) -> dict:
@@ -145,7 +138,7 @@ def report(exp: Experiment, rows: list[dict], genes: dict, k: int) -> dict:
   pre = {r["method"]: rep.precondition(f"{r['name']} beats the majority-class baseline (test accuracy)",
                                        r["test_acc"], base["accuracy"]) for r in aux}
   for m in g.methods:
-    ds, gene, shared = method_depths(g, m), genes[m]["gene_params"], genes[m]["shared_params"]
+    ds, (gene, shared) = method_depths(g, m), genes[m]
     total = sum(next(r["params"] for r in rows if r["method"] == m and r["depth"] == dd) for dd in ds)
     summary["methods"][m] = {"depths": ds, "stored": {
         "learngene_params": gene, "shared_params": shared, "learngene_plus_shared": gene + shared,

@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from jaxlab import checkpoint, data, pipelines
-from jaxlab.experiments import Experiment, Report, TrainStage, TransformStage, dotted, majority_baseline
+from jaxlab.experiments import Experiment, Report, TrainStage, TransformStage, dotted
 from jaxlab.transforms import soups
 
 SPLITS = ("heldout", "test", "test_shift")
@@ -62,10 +62,9 @@ def run(config, workdir: str) -> dict:
     evaluators.update({s: soups.Evaluator(module, ds, s) for s in SPLITS if s not in evaluators})
     return {s: evaluators[s](params, model_state) for s in SPLITS}
 
-  def row(name: str, kind: str, a: dict, params: int, row_seed: int = seed, **extra) -> dict:
+  def row(name: str, kind: str, a: dict, params: int, row_seed: int = seed, **extra) -> None:
     rows.append({"name": name, "kind": kind, "seed": row_seed, "heldout_acc": a["heldout"], "test_acc": a["test"],
                  "shift_acc": a["test_shift"], "params": int(params), **extra})
-    return rows[-1]
 
   def trained(name: str, overrides: dict, kind: str, label: str = "", row_seed: int = seed, **extra) -> dict:
     summary = exp.run(TrainStage(name, overrides))
@@ -122,14 +121,14 @@ def run(config, workdir: str) -> dict:
   for alpha in tuple(sc.interp_alphas):
     out = soups.interpolate([pre_ld, best_ld], alpha=float(alpha))
     interp.append({"alpha": float(alpha), **accs(out.theta, out.model_state, pre_ld.module)})
-  return report(exp, rows, hps, chosen, {"between": ["pretrained", best["name"]], "points": interp}, ds)
+  return report(exp, rows, hps, chosen, {"between": ["pretrained", best["name"]], "points": interp})
 
 
-def report(exp: Experiment, rows: list[dict], hps: list[dict], chosen: list[str], interp: dict, ds) -> dict:
+def report(exp: Experiment, rows: list[dict], hps: list[dict], chosen: list[str], interp: dict) -> dict:
   """The table of every model and soup, the paper's claims and the plot."""
   sc, cfg, rep = exp.section, exp.base, Report(exp, "Model soups on digits (jaxlab)")
   rep.rows, by, best = rows, {r["name"]: r for r in rows}, next(r for r in rows if r.get("best_by_heldout"))
-  base = majority_baseline(ds.splits["test"].arrays["label"])
+  base = rep.baseline("test")
   rep.text(f"Seed {cfg.seed} (fine-tune seeds 1000+i; sweep drawn from `np.random.default_rng(seed)`). Model: ViT "
            f"width {cfg.model.get('width')}, depth {cfg.model.get('depth')}; {sc.num_ingredients} random-search "
            f"fine-tunes of {sc.finetune_steps} steps (+1 at lr {sc.high_lr}) from one model pre-trained for "
