@@ -29,8 +29,7 @@ def get_config(arg: str | None = None):
   c.model.drop_path = 0.0
   c.data.batch_size = 64
   c.data.aug_shift = 1
-  if "train_split" not in c.data:
-    c.data.train_split = "train"  # the split a stage trains on (the learned soup trains on 'heldout')
+  c.data.train_split = "train"    # the split a stage trains on (the learned soup trains on 'heldout')
   c.optimizer.weight_decay = 0.05
   c.objective.label_smoothing = 0.0
   c.eval_splits = ("heldout",)   # every stage: periodic eval on held-out, final eval on all three result splits
