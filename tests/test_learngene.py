@@ -72,9 +72,10 @@ def test_coefficients_follow_the_official_code():
 
 
 def test_tleg_init_and_which_tensors_are_expanded():
-  module = build.model(MODEL, 10)
+  model = dict(MODEL, init_scheme="deit")  # the std-0.02 scheme, so every kernel has one known std
+  module = build.model(model, 10)
   params = build.init_variables(module, jax.random.key(0), (8, 8, 1))["params"]
-  param = build.parameterization({"name": "linear_learngene"}, MODEL)
+  param = build.parameterization({"name": "linear_learngene"}, model)
   theta = param.init(jax.random.key(1), params)
   assert set(theta) == SINGLE | {"learngene"}
   a, b = trees.flatten(theta["learngene"]["A"]), trees.flatten(theta["learngene"]["B"])
