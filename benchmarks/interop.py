@@ -2,7 +2,8 @@
 
     python benchmarks/interop.py                      # jaxlab only (CI venv)
     .venv-bench/bin/python benchmarks/interop.py      # next to safetensors.torch.load_file + torch.save
-    .venv-bench/bin/python benchmarks/interop.py --check_timm   # instead: timm loads jaxlab's exports, same logits
+    .venv-bench/bin/python benchmarks/interop.py --check_timm   # instead: timm loads jaxlab's exports (safetensors
+                                                                #   and .pth), same logits
 
 Each measurement runs in a fresh process (so peak RSS is its own), the variants are interleaved and repeated
 (`--repeats`; imports and jax's backend start-up happen before the clock starts), and the table gives the
@@ -142,7 +143,7 @@ def check_timm(work: str) -> None:
   import torch
 
   from jaxlab import checkpoint
-  from jaxlab.interop import jobs
+  from jaxlab.interop import jobs, pth
 
   fix = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "timm")
   x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
@@ -157,15 +158,19 @@ def check_timm(work: str) -> None:
     checkpoint.save_weights(ckpt, 0, imp.theta, imp.meta, imp.model_state)
     loaded = checkpoint.load(ckpt)
     tensors, meta = jobs.export_tensors(loaded, "timm")
-    out = os.path.join(work, name + ".export.safetensors")
-    jobs.write_safetensors(tensors, out, meta)
-    kw = {k: v for k, v in json.loads(meta["timm_kwargs"]).items() if not k.startswith("_")}
-    overlay = dict(file=out, num_classes=kw["num_classes"])  # else timm drops a head of another class count
-    model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kw).eval()
-    with torch.no_grad():
-      theirs = model(torch.from_numpy(x)).numpy()
     ours = np.asarray(loaded.apply(x.transpose(0, 2, 3, 1)))
-    print(f"timm {arch} <- jaxlab export of {name}: max |logits diff| {np.abs(theirs - ours).max():.2e}")
+    kw = {k: v for k, v in json.loads(meta["timm_kwargs"]).items() if not k.startswith("_")}
+    for ext in ("safetensors", "pth"):  # the .pth: torch.save's archive, written by jaxlab without torch
+      out = os.path.join(work, f"{name}.export.{ext}")
+      if ext == "safetensors":
+        jobs.write_safetensors(tensors, out, meta)
+      else:
+        pth.write_state_dict(tensors, out)
+      overlay = dict(file=out, num_classes=kw["num_classes"])  # else timm drops a head of another class count
+      model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kw).eval()
+      with torch.no_grad():
+        theirs = model(torch.from_numpy(x)).numpy()
+      print(f"timm {arch} <- jaxlab export of {name} as .{ext}: max |logits diff| {np.abs(theirs - ours).max():.2e}")
 
 
 def main():
