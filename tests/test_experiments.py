@@ -13,14 +13,18 @@ from jaxlab.experiments import (
     TrainStage,
     TransformStage,
     aggregate,
+    bars,
     check_rows,
     claim,
     command,
     derive,
     dotted,
+    figure,
+    learned,
     machine,
     majority_baseline,
     precondition,
+    split_labels,
     stats,
 )
 
@@ -190,3 +194,55 @@ def test_readme_verdicts_table_quotes_the_claims_lists(tmp_path):
     (tmp_path / "results" / name / "results.json").write_text(json.dumps({"rows": [], "claims": claims}))
   lines = update_readme.verdict_table(str(tmp_path)).splitlines()
   assert lines[3] == "| [a](results/a/results.md) | A beats B | **holds** |" and len(lines) == 5  # b, c: no rows
+
+
+def test_learned_compares_the_best_mean_with_the_majority_class_plus_a_margin():
+  groups = aggregate([{"name": n, "seed": s, "test_acc": v} for n, s, v in
+                      (("a", 0, 0.30), ("a", 1, 0.40), ("b", 0, 0.20), ("b", 1, 0.22))])
+  p = learned("aux net", groups, {"accuracy": 0.3, "label": 1, "n": 10}, margin=0.05)
+  assert p["value"] == pytest.approx(0.35) and p["threshold"] == pytest.approx(0.35) and p["holds"]
+  assert "majority class (30.0%) by 5 points" in p["name"]
+  assert not learned("aux net", 0.34, 0.3, margin=0.05)["holds"]
+  with pytest.raises(ValueError, match="no accuracy"):
+    learned("aux net", [], 0.3)
+
+
+def test_report_baseline_takes_a_data_config_and_records_learned(tmp_path):
+  exp = Experiment(_config(), str(tmp_path), "toy")
+  rep = Report(exp, "Toy")
+  own, other = rep.baseline("test"), rep.baseline("test", data=derive(exp.base.data, name="mnist1d"))
+  digits = np.bincount(split_labels(exp.base.data))
+  assert own["n"] == digits.sum() == 360 and own["accuracy"] == pytest.approx(digits.max() / 360)
+  assert other["n"] == 1000 and exp.base.data.name == "digits"  # the experiment's own data is not changed
+  p = rep.learned("toy", own["accuracy"] + 0.1, margin=0.1)
+  assert p["holds"] and rep.preconditions == [p]
+
+
+def test_section_list_keys_are_normalised_to_tuples(tmp_path):
+  c = _config()
+  c.toy = {"seeds": "0,1,2", "tasks": ("a,b",), "aux": {"stages": [3, 2, 3]}, "ratios": "(0.5,2)"}
+  exp = Experiment(c, str(tmp_path), "toy", lists={"seeds": int, "tasks": str, "aux.stages": int, "ratios": float})
+  s = exp.section
+  assert (s.seeds, s.tasks, s.aux.stages, s.ratios) == ((0, 1, 2), ("a", "b"), (3, 2, 3), (0.5, 2.0))
+  with pytest.raises(ValueError, match=r"config.toy.aux.depths: missing"):
+    Experiment(c, str(tmp_path), "toy", lists={"aux.depths": int})
+  c.toy.seeds = "0,x"
+  with pytest.raises(ValueError, match=r"config.toy.seeds='0,x': every item must be int"):
+    Experiment(c, str(tmp_path), "toy", lists={"seeds": int})
+
+
+def test_bars_and_a_grid_of_panels(tmp_path):
+  groups = aggregate([{"name": n, "task": t, "seed": s, "test_acc": v} for n, t, s, v in
+                      (("x", "t1", 0, 0.5), ("x", "t1", 1, 0.7), ("y", "t1", 0, 0.4), ("y", "t2", 0, 0.9))],
+                     by=("task", "name"))
+  drawn = {}
+
+  def draw(axes):
+    assert axes.shape == (2, 3)
+    bars(axes[0, 0], groups, x="task", series="name", baselines={"majority": 0.3})
+    drawn["heights"] = [round(p.get_height(), 6) for p in axes[0, 0].patches]
+    drawn["line"] = axes[0, 0].lines[-1].get_ydata()[0]
+
+  figure(str(tmp_path / "grid.png"), draw, ncols=3, nrows=2, size=(2, 2))
+  assert drawn["heights"] == [60.0, 40.0, 90.0] and drawn["line"] == pytest.approx(30.0)
+  assert os.path.getsize(tmp_path / "grid.png") > 0

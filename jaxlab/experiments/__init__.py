@@ -19,11 +19,13 @@ from jaxlab.experiments.report import (
     VERDICTS,
     Report,
     aggregate,
+    bars,
     check_rows,
     claim,
     command,
     errorbars,
     figure,
+    learned,
     lookup,
     machine,
     majority_baseline,
@@ -47,6 +49,7 @@ from jaxlab.experiments.runner import (
 
 __all__ = [
     "DONE_FILE", "REQUEST_FILE", "STD_NOTE", "VERDICTS", "Experiment", "Report", "TrainStage", "TransformStage",
-    "aggregate", "check_rows", "claim", "command", "derive", "dotted", "errorbars", "figure", "jsonable", "lookup",
-    "machine", "majority_baseline", "markdown_table", "pm", "precondition", "split_labels", "stats", "summary_row",
+    "aggregate", "bars", "check_rows", "claim", "command", "derive", "dotted", "errorbars", "figure", "jsonable",
+    "learned", "lookup", "machine", "majority_baseline", "markdown_table", "pm", "precondition", "split_labels",
+    "stats", "summary_row",
 ]

@@ -142,6 +142,30 @@ def claim(text: str, holds: bool | None, evidence: str, requires: Sequence[dict]
   return {"claim": text, "verdict": verdict, "evidence": evidence}
 
 
+def learned(name: str, accuracy, majority: dict | float, margin: float = 0.05) -> dict:
+  """The precondition that a model learned: its (best) accuracy beats the majority class by `margin`.
+
+  Args:
+    name: what learned, e.g. 'auxiliary net' (the precondition reads '<name> beats the majority class ...').
+    accuracy: a fraction, or groups of `aggregate` / `stats` dicts (their best mean is taken).
+    majority: `majority_baseline(...)` of the evaluated split, or its accuracy.
+    margin: how far above the majority class (a fraction: 0.05 is 5 points).
+
+  Returns:
+    `precondition(...)` with value the (best) accuracy and threshold majority + margin.
+  """
+  if isinstance(accuracy, dict):
+    accuracy = [accuracy]
+  if not isinstance(accuracy, (int, float)):
+    means = [g["mean"] for g in accuracy if g and g.get("mean") is not None]
+    if not means:
+      raise ValueError(f"learned({name!r}): no accuracy to compare with the majority class")
+    accuracy = max(means)
+  base = float(majority["accuracy"] if isinstance(majority, dict) else majority)
+  return precondition(f"{name} beats the majority class ({100 * base:.1f}%) by {100 * margin:g} points",
+                      accuracy, base + margin)
+
+
 # ----------------------------------------------------------------------------- command and machine lines
 
 
@@ -208,14 +232,34 @@ def errorbars(ax, groups: Sequence[dict], x: str, series: str, scale: float = 10
                 marker="o", capsize=3, label=str(name), linestyle="--" if dashed(name) else "-")
 
 
-def figure(path: str, draw: Callable, ncols: int = 1, size: tuple[float, float] = (6.5, 4.2)) -> str:
-  """Draws `draw(axes)` (one Axes, or a list with `ncols` > 1) with matplotlib's Agg backend into `path`."""
+def bars(ax, groups: Sequence[dict], x: str, series: str, scale: float = 100.0,
+         baselines: dict[str, float] | None = None, width: float = 0.8) -> None:
+  """Grouped bars of `aggregate` groups: one cluster per value of `groups[x]`, one bar per value of
+  `groups[series]` inside it (the mean, sample-std error bars), in order of first appearance; a missing
+  (x, series) pair leaves a gap. `baselines` ({label: fraction}, e.g. the majority class) are dotted lines."""
+  xs = list(dict.fromkeys(g[x] for g in groups))
+  names = list(dict.fromkeys(g[series] for g in groups))
+  w = width / max(len(names), 1)
+  for j, name in enumerate(names):
+    got = [(i, lookup(groups, **{x: v, series: name})) for i, v in enumerate(xs)]
+    got = [(i, g) for i, g in got if g and g.get("mean") is not None]
+    ax.bar([i + (j - (len(names) - 1) / 2) * w for i, _ in got], [scale * g["mean"] for _, g in got], w,
+           yerr=[scale * g["std"] for _, g in got], capsize=2, label=str(name))
+  for j, (label, value) in enumerate((baselines or {}).items()):
+    ax.axhline(scale * value, color="k", linestyle=(":", "--", "-.")[j % 3], linewidth=1, label=label)
+  ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+
+
+def figure(path: str, draw: Callable, ncols: int = 1, size: tuple[float, float] = (6.5, 4.2), nrows: int = 1) -> str:
+  """Draws `draw(axes)` with matplotlib's Agg backend into `path`. `axes` as `plt.subplots(nrows, ncols)` gives
+  them: one Axes for 1 x 1, a 1-D array when one of `nrows`/`ncols` is 1, else a 2-D array [row, col]; `size`
+  is one panel's (width, height)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, ncols, figsize=(size[0] * ncols, size[1]))
+  fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows))
   draw(axes)
-  for ax in np.atleast_1d(axes):
+  for ax in np.atleast_1d(axes).ravel():
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -244,9 +288,17 @@ class Report:
     self.figures: dict[str, Callable] = {}
     self.extra: dict = {}
 
-  def baseline(self, split: str = "test") -> dict:
-    """`majority_baseline` of `split` of the experiment's data set (`base.data`)."""
-    return majority_baseline(split_labels(self.exp.base.data, split))
+  def baseline(self, split: str = "test", data=None) -> dict:
+    """`majority_baseline` of `split` of the data set that `data` (a `data` config section, for an experiment
+    with a data set per task or stage) builds; default the experiment's own (`base.data`)."""
+    return majority_baseline(split_labels(self.exp.base.data if data is None else data, split))
+
+  def learned(self, name: str, accuracy, split: str = "test", margin: float = 0.05, data=None) -> dict:
+    """Records and returns `learned(name, accuracy, self.baseline(split, data), margin)`: the (best) accuracy
+    beats the majority class of the evaluated split by `margin`."""
+    p = learned(name, accuracy, self.baseline(split, data), margin)
+    self.preconditions.append(p)
+    return p
 
   def text(self, *paragraphs: str) -> Report:
     """Adds paragraphs (or markdown lines) to the page."""
@@ -273,9 +325,10 @@ class Report:
     self.claims.append(c)
     return c
 
-  def figure(self, name: str, draw: Callable, ncols: int = 1, size: tuple[float, float] = (6.5, 4.2)) -> None:
-    """A figure `name` (e.g. 'pela.png') drawn by `draw(axes)` when the report is written."""
-    self.figures[name] = lambda path: figure(path, draw, ncols, size)
+  def figure(self, name: str, draw: Callable, ncols: int = 1, size: tuple[float, float] = (6.5, 4.2),
+             nrows: int = 1) -> None:
+    """A figure `name` (e.g. 'pela.png') drawn by `draw(axes)` (see `figure`) when the report is written."""
+    self.figures[name] = lambda path: figure(path, draw, ncols, size, nrows)
 
   def results(self) -> dict:
     """The results.json object."""

@@ -127,9 +127,11 @@ class Experiment:
     stages: one record per stage run or skipped, in order: {name, kind, request, skipped, wall_s}.
   """
 
-  def __init__(self, config, workdir: str, section: str, config_file: str | None = None):
-    """Args: the pipeline `config`, its `workdir`, the method's config `section` and its config file name (for
-    the `Command:` line, e.g. 'pela.py'; default '<section>.py')."""
+  def __init__(self, config, workdir: str, section: str, config_file: str | None = None,
+               lists: Mapping[str, type] | None = None):
+    """Args: the pipeline `config`, its `workdir`, the method's config `section`, its config file name (for
+    the `Command:` line, e.g. 'pela.py'; default '<section>.py') and `lists`: the section's list keys and their
+    item type, normalised in `section` to tuples by `normalize` (e.g. {'seeds': int, 'aux.stages': int})."""
     if section not in config:
       raise ValueError(f"config.{section}: missing; the pipeline's keys live under config.{section}")
     self.config = ml_collections.ConfigDict(config.to_dict())
@@ -144,7 +146,34 @@ class Experiment:
     self.workdir = workdir
     self.stages: list[dict] = []
     self.t0 = time.time()
+    self.normalize(lists or {})
     os.makedirs(workdir, exist_ok=True)
+
+  def normalize(self, lists: Mapping[str, type]) -> None:
+    """Turns each list key of the section (dotted, e.g. 'aux.stages') into a tuple of its item type, however it
+    was given: a tuple or list, or a command-line string ('0,1,2', '(0,1,2)').
+
+    Raises:
+      ValueError: a key the section does not have, or an item that is not of the type, naming
+        `config.<section>.<key>`.
+    """
+    from jaxlab import configs
+    for key, kind in lists.items():
+      node, parts = self.section, key.split(".")
+      where = f"config.{self.section_name}.{key}"
+      for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+      if not isinstance(node, ml_collections.ConfigDict) or parts[-1] not in node:
+        raise ValueError(f"{where}: missing; declare it in ml_collections_configs/{self.config_file}")
+      value = node[parts[-1]]
+      if isinstance(value, str):
+        value = value.strip().strip("()[]")
+      try:
+        items = configs.as_tuple(() if value is None else value, kind)
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}={value!r}: every item must be {kind.__name__} ({e})") from e
+      del node[parts[-1]]  # a list field would refuse a tuple of another type
+      node[parts[-1]] = items
 
   def path(self, name: str) -> str:
     """The absolute workdir of stage `name`."""
