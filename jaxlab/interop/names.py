@@ -229,12 +229,13 @@ def transpose_into(dst: np.ndarray, src: np.ndarray, rows: int = 256) -> bool:
     or not _exact(fn)  # per call: the flush-to-zero mode belongs to the calling thread and may change
   ):
     return False
-  for r in range(0, src.shape[0] if src.size else 0, rows):
-    part, into = src[r : r + rows], dst[:, r : r + rows]
-    if np.isnan(part.max()):
-      _copy_tiles(into, part.T)
-    else:
-      fn(into, part)
+  with np.errstate(invalid="ignore"):  # a signalling NaN sets the invalid flag in max (numpy may warn)
+    for r in range(0, src.shape[0] if src.size else 0, rows):
+      part, into = src[r : r + rows], dst[:, r : r + rows]
+      if np.isnan(part.max()):
+        _copy_tiles(into, part.T)
+      else:
+        fn(into, part)
   return True
 
 
