@@ -1,4 +1,4 @@
-"""Export a jaxlab checkpoint as safetensors in timm naming (or as a plain jaxlab-named state dict).
+"""Export a jaxlab checkpoint as safetensors or a PyTorch .pth in timm naming (or as a jaxlab-named state dict).
 
     python -m jaxlab.main --config=ml_collections_configs/export.py --config.checkpoint=runs/deit_s_pela \
         --config.format=timm --config.out=out.safetensors --workdir=runs/export
@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.checkpoint = ""  # jaxlab checkpoint (workdir) to export
   c.step = -1  # -1 = latest
   c.format = "timm"  # timm | jaxlab
-  c.out = ""  # the .safetensors file to write
+  c.out = ""  # the file to write: .safetensors, or .pth/.pt/.bin (torch.save zip, format=timm only)
   c.overwrite = False  # replace an existing `out`
   if arg == "smoke":
     c.checkpoint = "/tmp/jaxlab_import_smoke"
