@@ -279,8 +279,8 @@ def test_pipeline_smoke(tmp_path):
   # Zero growth starts as the members' ensemble; grown runs count the members' FLOPs.
   assert rows["mg_zero"]["acc_at_growth"] == rows["ensemble"]["test_acc"]
   assert rows["mg_orthogonal"]["flops"] == pytest.approx(rows["member0"]["flops"] + rows["member1"]["flops"]
-                                                         + mgp.train_flops(FULL | {"head_bias": False}, 4, 64, K,
-                                                                           SHAPE))
+                                                         + mgp.train_flops(config.model.to_dict(), 4, 64, K,
+                                                                           (40, 1)))  # MNIST-1D signals
   assert abs(rows["large"]["flops"] / rows["mg_orthogonal"]["flops"] - 1) < 0.1
   assert rows["mg_orthogonal"]["trainable"] > rows["mg_orthogonal"]["params"]  # templates + coefficients
   for f in ("results.md", "accuracy_vs_flops.png"):
@@ -294,6 +294,11 @@ def test_pipeline_smoke(tmp_path):
                                                 "MixtureGrowth beats growth by copying (Net2Net)",
                                                 "MixtureGrowth beats the large network from scratch at the same "
                                                 "training FLOPs"}
+  # every claim rests on the full-vs-half-width gap, checked first: its value is large minus small
+  (pre,) = res["preconditions"]
+  assert pre["value"] == pytest.approx(rows["large"]["test_acc"] - rows["small"]["test_acc"])
+  assert pre["threshold"] == config.mixture_growth.min_gap
+  assert all(c["verdict"] == "not tested" for c in res["claims"]) or pre["holds"]
   # Re-running skips every done stage and rewrites the same rows.
   again = main.run(config, str(tmp_path))
   with open(again["results"]) as f:
