@@ -9,13 +9,18 @@
 Arguments after `:`: `listops` (default), `pathfinder`, `smoke` (ListOps, a tiny model and a few steps on
 whatever release directory is given: the tests run it on a few generated files in the release layout).
 ListOps pools over real tokens only (`model.pool_pad_id=0`). The model is the bidirectional S4D of
-docs/s4d.md at LRA-like width; no accuracy is claimed for these settings here (no run on the full release
-was made on this machine).
+docs/s4d.md at LRA-like width, trained with the S4D recipe of the `s4d` and `ntfs` experiments: the SSM
+parameters (A, dt, B) at lr min(`SSM_LR`, lr) = 0.001 without weight decay (`s4d.optimizer_rules`; the S4D
+paper's LRA configs), everything else at lr 0.01 with weight decay 0.05. No accuracy is claimed for these
+settings here (no run on the full release was made on this machine).
 """
 
 import ml_collections
 
 from jaxlab import configs
+from jaxlab.models import s4d
+
+SSM_LR = 1e-3  # the S4D paper's SSM learning rate
 
 
 def get_config(arg: str | None = None):
@@ -58,6 +63,11 @@ def get_config(arg: str | None = None):
       pool_pad_id=-1 if task == "pathfinder" else 0,
     )
   )  # ListOps: mean over real tokens (true lengths)
+  # A, dt, B: peak lr min(SSM_LR, lr), no weight decay (as in s4d.py and ntfs.py). The rule is a multiplier of
+  # the global schedule, so a --config.optimizer.lr override moves the SSM group with it (ratio 0.1).
+  rules, no_decay = s4d.optimizer_rules(c.optimizer.lr, SSM_LR)
+  c.optimizer.lr_rules = rules
+  c.optimizer.no_decay = tuple(c.optimizer.no_decay) + no_decay
   if task == "smoke":
     c.data.max_length = 64
     c.data.batch_size = 2
