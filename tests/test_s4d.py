@@ -321,7 +321,8 @@ def test_pipeline_smoke_writes_results_and_resumes(tmp_path):
   stage = json.loads((tmp_path / "seq_digits/lin_zoh/seed0/stage.json").read_text())
   assert stage["summary"]["steps"] == 4
   assert stage["request"]["overrides"]["optimizer.lr_rules"][0][1] == pytest.approx(0.1)
-  assert "`model.init='lin'`" in (tmp_path / "results.md").read_text()
+  md = (tmp_path / "results.md").read_text()
+  assert "`model.init='lin'`" in md and "| seq_digits | *majority class* | - |" in md
   # one seed: no noise estimate, so the Inv/LegS claim is never decided
   assert {c["verdict"] for c in res["claims"]} <= {"not tested"}
   # re-running skips the done stages and gives the same table
@@ -335,14 +336,14 @@ def test_pipeline_smoke_writes_results_and_resumes(tmp_path):
   assert not (tmp_path / "bad" / "seq_digits").exists()  # refused before anything trained
 
 
-def _report(table, majority, workdir):
+def _report(table, trivial, workdir):
   import ml_collections
 
   from jaxlab.experiments import Experiment, Report
   from jaxlab.pipelines import s4d as s4d_pipeline
   cfg = ml_collections.ConfigDict({"s4d": {"x": 1}})
   rep = Report(Experiment(cfg, workdir, "s4d"), "t")
-  s4d_pipeline.claims(rep, table, majority, ml_collections.ConfigDict({"discs": ("zoh", "bilinear"),
+  s4d_pipeline.claims(rep, table, trivial, ml_collections.ConfigDict({"discs": ("zoh", "bilinear"),
                                                                         "inits": ("lin", "inv", "legs")}))
   return rep
 
@@ -351,13 +352,19 @@ def test_claims_need_a_learned_task_and_compare_within_two_std(tmp_path):
   row = lambda task, init, mean, std=0.0, disc="zoh": dict(task=task, init=init, disc=disc, mean=mean, std=std, n=3)  # noqa: E731
   table = [row("pf", "lin", 0.5), row("pf", "inv", 0.5), row("pf", "legs", 0.51),
            row("lo", "lin", 0.30, 0.01), row("lo", "inv", 0.31, 0.01), row("lo", "legs", 0.25, 0.01),
-           row("lo", "lin", 0.305, 0.01, "bilinear")]
-  rep = _report(table, {"pf": 0.5, "lo": 0.15}, str(tmp_path))
+           row("lo", "lin", 0.305, 0.01, "bilinear"), row("sc", "inv", 0.34), row("sc", "legs", 0.30)]
+  # the first-token shortcut: a model at 34% on "sc" has not beaten a 33% first-token predictor by 2 points
+  trivial = {"pf": {"majority class": 0.5}, "lo": {"majority class": 0.15, "first token": 0.2},
+             "sc": {"majority class": 0.15, "first token": 0.33}}
+  rep = _report(table, trivial, str(tmp_path))
   pre = {p["name"].split(":")[0]: p for p in rep.preconditions}
   assert not pre["pf"]["holds"] and pre["pf"]["value"] == pytest.approx(0.01)
-  assert pre["lo"]["holds"] and pre["lo"]["value"] == pytest.approx(0.16)
+  assert pre["lo"]["holds"] and pre["lo"]["value"] == pytest.approx(0.11)  # 0.31 - max(0.15, 0.2)
+  assert not pre["sc"]["holds"] and pre["sc"]["value"] == pytest.approx(0.01)  # 0.34 - 0.33
+  assert "majority class / first token" in pre["sc"]["name"]
   verdicts = [(c["claim"], c["verdict"]) for c in rep.claims]
   assert verdicts == [("S4D-Inv and S4D-LegS perform alike on pf", "not tested"),
                       ("S4D-Inv and S4D-LegS perform alike on lo", "does not hold"),  # 6.0 > 2 * 1.0 points
-                      ("ZOH vs bilinear makes little difference on lo", "holds")]  # 0.5 <= 2.0 points
+                      ("ZOH vs bilinear makes little difference on lo", "holds"),  # 0.5 <= 2.0 points
+                      ("S4D-Inv and S4D-LegS perform alike on sc", "not tested")]
   assert "6.0 vs 2.0 points" in rep.claims[1]["evidence"]

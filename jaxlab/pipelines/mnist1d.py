@@ -14,21 +14,13 @@ from __future__ import annotations
 import numpy as np
 
 from jaxlab import configs, data, pipelines
-from jaxlab.experiments import Experiment, Report, TrainStage, aggregate, lookup, majority_baseline, pm, summary_row
+from jaxlab.experiments import Experiment, Report, TrainStage, aggregate, dotted, lookup, pm, summary_row
 
 PAPER = {"logreg": 0.32, "mlp": 0.68, "cnn1d": 0.94, "gru": 0.91}  # published test accuracies (1000 test signals)
 PAPER_HUMAN = 0.96
 PAPER_REFERENCE = "https://github.com/greydanus/mnist1d (README table), arXiv:2011.14439"
 DESCRIPTIONS = {"logreg": "logistic regression", "mlp": "MLP (residual, 100 hidden)", "cnn1d": "1D CNN (3 conv, 25 ch)",
                 "gru": "bidirectional GRU (6 hidden)", "vit": "ViT, 1D patches of 4"}
-
-
-def _dotted(tree: dict, prefix: str = "") -> dict:
-  """{'optimizer': {'lr': 1}} -> {'optimizer.lr': 1}."""
-  out = {}
-  for k, v in tree.items():
-    out.update(_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
 
 
 def stages(exp: Experiment) -> list[TrainStage]:
@@ -38,7 +30,7 @@ def stages(exp: Experiment) -> list[TrainStage]:
     if model not in z.model_configs:
       raise ValueError(f"config.mnist1d.models: {model!r} has no config.mnist1d.model_configs entry; "
                        f"known: {sorted(z.model_configs.keys())}")
-    over = _dotted(z.run_overrides[model].to_dict()) if model in z.run_overrides else {}
+    over = dotted(z.run_overrides[model].to_dict()) if model in z.run_overrides else {}
     for seed in configs.as_tuple(z.seeds, int):
       out.append(TrainStage(f"{model}_s{seed}", {"seed": seed, "model": z.model_configs[model].to_dict(), **over}))
       try:
@@ -63,7 +55,7 @@ def run(config, workdir: str) -> dict:
   train = {g["model"]: g for g in aggregate(rep.rows, by="model", value="train_acc")}
   steps = {r["model"]: (r["steps"], r["params"], r["wall_s"]) for r in rep.rows}
   ds, b = data.get_dataset(exp.base.data), exp.base
-  majority = majority_baseline(ds.splits["test"].arrays["label"])
+  majority = rep.baseline("test")
   rep.text(f"Data: MNIST-1D from the `mnist1d` package's generator (seed {ds.info['generator_args'].get('seed')}): "
            f"train on {ds.num_examples()} signals, test on {majority['n']} (majority class "
            f"{100 * majority['accuracy']:.1f}%). Training: {b.total_steps} steps of batch {b.data.batch_size}, "
@@ -74,7 +66,9 @@ def run(config, workdir: str) -> dict:
             [(f"{DESCRIPTIONS.get(g['model'], g['model'])} (`{g['model']}`)", f"{steps[g['model']][1]:,}",
               steps[g["model"]][0], pm(g), f"{100 * min(g['values']):.1f} / {100 * max(g['values']):.1f}",
               pm(train.get(g["model"])), f"{100 * PAPER[g['model']]:.0f}%" if g["model"] in PAPER else "n/a",
-              f"{steps[g['model']][2]:.0f}") for g in table], caption="Test and train accuracy")
+              f"{steps[g['model']][2]:.0f}") for g in table]
+            + [(f"majority class of the test split (class {majority['label']})", "0", "-",
+                f"{100 * majority['accuracy']:.1f}", "-", "-", "-", "-")], caption="Test and train accuracy")
   claims(rep, table, majority["accuracy"])
   cnn, mlp = lookup(table, model="cnn1d"), lookup(table, model="mlp")
   if cnn and mlp:
