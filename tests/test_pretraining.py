@@ -226,7 +226,9 @@ def test_ntfs_smoke_pipeline(tmp_path):
   assert {r["pretraining"] for r in res["rows"]} == {"none", "denoise"}
   for r in res["rows"]:
     assert {"name", "task", "model", "init", "pretraining", "seed", "test_acc"} <= set(r)
-    assert 0.0 <= r["test_acc"] <= 1.0 and r["steps"] == 6
+    # matched labelled steps: scratch trains finetune_steps on labels, SPT pretrain + the same finetune_steps
+    assert 0.0 <= r["test_acc"] <= 1.0 and r["labelled_steps"] == 3
+    assert r["steps"] == (6 if r["pretraining"] == "denoise" else 3)
   spt = [r for r in res["rows"] if r["pretraining"] == "denoise"]
   assert len(spt) == 1 and 0.0 <= spt[0]["masked_accuracy"] <= 1.0 and spt[0]["masked_loss"] > 0
   assert os.path.exists(os.path.join(wd, "ntfs.png"))
@@ -238,7 +240,13 @@ def test_ntfs_smoke_pipeline(tmp_path):
   assert over["scratch"]["optimizer.lr_rules"][0][1] == pytest.approx(1 / 3)
   assert over["spt_finetune"]["optimizer.lr_rules"][0][1] == pytest.approx(1.0)
   assert over["spt_pretrain"]["objective.mask_rate"] == 0.1 and over["spt_pretrain"]["model"]["out_dim"] == 16
-  # Matched budget: scratch ran pretrain + finetune steps; the fine-tune started from the pretrained encoder.
+  pre = {p["name"]: p for p in res["preconditions"]}
+  assert pre["listops: labelled steps, most minus fewest over both arms' runs"]["holds"]
+  floor = res["pretraining_baselines"]["listops"]  # unigram over the test split's real tokens, fitted on train
+  p = pre["listops/s4d_seq: pretraining masked_accuracy at least the unigram predictor's + 2 points"]
+  assert p["threshold"] == pytest.approx(floor["unigram"]["accuracy"] + 0.02)
+  assert p["value"] == pytest.approx(spt[0]["masked_accuracy"])
+  # the fine-tune started from the pretrained encoder
   ft_meta = checkpoint.load_meta(os.path.join(wd, "listops/s4d_seq/spt_finetune/seed0"))
   assert ft_meta["provenance"]["transform"] == "drop_pretraining_head"
   # Re-running skips every finished stage.
@@ -265,10 +273,42 @@ def test_claims_are_not_tested_for_a_task_nothing_learned(tmp_path):
            at("lo", "s4d_seq", "none", 0.20), at("lo", "s4d_seq", "denoise", 0.25),
            at("lo", "transformer_seq", "none", 0.30), at("lo", "transformer_seq", "denoise", 0.40)]
   rep = Report(Experiment(ml_collections.ConfigDict({"ntfs": {"x": 1}}), str(tmp_path), "ntfs"), "t")
-  ntfs.claims(rep, table, "denoise", {"pf": 0.5, "lo": 0.15})
+  trivial = {"pf": {"majority class": 0.5}, "lo": {"majority class": 0.15, "first token": 0.3}}
+  ntfs.claims(rep, table, "denoise", trivial, {})
   assert [p["holds"] for p in rep.preconditions] == [False, True]
-  assert rep.preconditions[1]["value"] == pytest.approx(0.25)
+  assert rep.preconditions[1]["value"] == pytest.approx(0.10)  # 0.40 - the first-token predictor's 0.30
   verdicts = [c["verdict"] for c in rep.claims]
   assert verdicts == ["not tested"] * 3 + ["holds", "holds", "does not hold"]
   assert "Transformer +10.0, S4D +5.0 points" in rep.claims[3]["evidence"]
   assert "-10.0 points from scratch, -15.0 with SPT" in rep.claims[5]["evidence"]
+  # a failed precondition of the task (pretraining no better than a trivial predictor) makes every claim untested
+  from jaxlab.experiments import precondition
+  rep = Report(Experiment(ml_collections.ConfigDict({"ntfs": {"x": 1}}), str(tmp_path), "ntfs"), "t")
+  ntfs.claims(rep, table, "denoise", trivial, {"lo": [precondition("lo/s4d_seq: pretraining", 0.16, 0.173)]})
+  assert [c["verdict"] for c in rep.claims[3:]] == ["not tested"] * 3
+  assert "lo/s4d_seq: pretraining" in rep.claims[3]["evidence"]
+
+
+def test_pretraining_baselines_are_the_trivial_predictors():
+  from jaxlab.pipelines import ntfs
+
+  class Split:
+    def __init__(self, x):
+      self.arrays = {"inputs": x}
+
+  class DS:
+    def __init__(self, tr, te, info):
+      self.splits, self.info = {"train": Split(tr), "test": Split(te)}, info
+
+  # tokens: pad 0 is never scored; token 5 is the most frequent real token on train (3 of 5), and 2 of the 4
+  # real test tokens
+  tr, te = np.array([[5, 5, 6, 0], [5, 7, 0, 0]]), np.array([[5, 6, 0, 0], [5, 7, 0, 0]])
+  got = ntfs.pretraining_baselines(DS(tr, te, {"vocab_size": 8, "pad_id": 0}), "l1")
+  assert got["metric"] == "masked_accuracy" and not got["at_most"] and got["unigram"]["token"] == 5
+  assert got["threshold"] == pytest.approx(0.5 + 0.02)
+  # values: the position mean of train is (0.5, 0.0); test MAE (0 + 0.5 + 0 + 0) / 4 against it, 1.5 / 4 against 0
+  tr, te = np.array([[1.0, 0.0], [0.0, 0.0]])[..., None], np.array([[0.5, 0.5], [0.5, 0.0]])[..., None]
+  got = ntfs.pretraining_baselines(DS(tr, te, {"vocab_size": 0, "pad_id": -1}), "l1")
+  assert got["metric"] == "masked_mae" and got["at_most"]
+  assert got["position_mean_mae"] == pytest.approx(0.125) and got["all_zero_mae"] == pytest.approx(0.375)
+  assert got["threshold"] == pytest.approx(0.95 * 0.125)
