@@ -197,24 +197,67 @@ def test_smoke_pipeline_writes_results(smoke):
   with open(os.path.join(smoke, "results.json")) as f:
     res = json.load(f)
   names = [r["name"] for r in res["rows"]]
-  assert names[:2] == ["dense", "svd"]
-  assert {"svd_ft", "pela_fd_wp", "pela_fd_wp+ft"} <= set(names)
+  assert names[:3] == ["dense", "dense_ft", "svd"]
+  assert {"svd_ft", "pela_fd", "pela_fd_wp", "wp100"} <= set(names)
   for r in res["rows"]:
-    assert {"name", "ratio", "params", "test_acc", "seed", "examples_per_s"} <= set(r)
-    assert 0.0 <= r["test_acc"] <= 1.0 and r["examples_per_s"] > 0
-  dense_n = res["rows"][0]["params"]
-  low = [r for r in res["rows"] if r["name"] != "dense"]
-  assert all(r["params"] < dense_n for r in low)
+    assert {"name", "ratio", "params", "test_acc", "seed"} <= set(r)
+    assert 0.0 <= r["test_acc"] <= 1.0
+  rows = {r["name"]: r for r in res["rows"]}
+  assert rows["pela_fd"]["diff_vs_fd"] == 0 and rows["wp100"]["wp_weight"] == 100.0
+  low = [r for r in res["rows"] if not r["name"].startswith("dense")]
+  assert all(r["params"] < rows["dense"]["params"] for r in low)
   assert len({r["params"] for r in low}) == 1  # same architecture for every low-rank row
+  assert rows["dense_ft"]["params"] == rows["dense"]["params"]
   assert os.path.exists(os.path.join(smoke, "results.md")) and os.path.exists(os.path.join(smoke, "pela.png"))
+  # preconditions before the claims; every claim has a verdict
+  assert [q["name"][:13] for q in res["preconditions"]][:2] == ["dense teacher"] * 2
+  assert {c["verdict"] for c in res["claims"]} <= {"holds", "does not hold", "not tested"} and len(res["claims"]) == 3
+  # loss-term gradient ratios at the SVD init: cross entropy is the reference (ratio 1, cosine 1)
+  ce = res["term_ratios"]["SVD init"]["cross_entropy"]
+  assert ce["ratio"] == pytest.approx(1.0) and ce["cosine"] == pytest.approx(1.0, abs=1e-5)
+  assert set(res["term_ratios"]["after training"]) == {"cross_entropy", "feature_mse", "weight_perturbation"}
   # the PELA stage really trained with the three terms
-  rows = [json.loads(line) for line in open(os.path.join(smoke, "r2", "seed0", "pela_fd_wp", "metrics.jsonl"))]
+  rows = [json.loads(line) for line in open(os.path.join(smoke, "seed0", "r2", "pela_fd_wp", "metrics.jsonl"))]
   keys = set().union(*rows)
   assert {"train/loss/cross_entropy", "train/loss/feature_mse", "train/loss/weight_perturbation"} <= keys
 
 
+def test_pela_teacher_is_trained_with_the_default_jobs_recipe():
+  spec = importlib.util.spec_from_file_location("digits_vit", os.path.join(ROOT, "ml_collections_configs",
+                                                                           "digits_vit.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  default, pela = mod.get_config(), _pela_config()
+  for key in ("model", "data", "optimizer", "total_epochs", "total_steps", "seed"):
+    assert pela[key] == default[key], key
+  # pela declares objective.wp_eps for its student stages (unused by the teacher's cross entropy)
+  assert {k: v for k, v in pela.objective.to_dict().items() if k != "wp_eps"} == default.objective.to_dict()
+
+
+def test_forward_flops_formula():
+  # TINY: 8x8 input, 4x4 patches -> 4 tokens, width 16, MLP 32, depth 2, 10 classes
+  module, params = _init(TINY)
+  per_token = 4 * 4 * 1 * 16 + 2 * (16 * 48 + 16 * 16 + 16 * 32 + 32 * 16)
+  expected = 2 * (4 * per_token + 2 * 2 * 4 * 4 * 16 + 16 * 10)
+  assert lowrank_vit.forward_flops(params, depth=2, width=16) == expected
+  _, low, _, _ = _compress(params, ratio=2.0)
+  r = {k: lowrank_vit.rank_for(a, b, 2.0) for k, (a, b) in {"qkv": (16, 48), "proj": (16, 16), "fc1": (16, 32),
+                                                            "fc2": (32, 16)}.items()}
+  per_token_low = 4 * 4 * 16 + 2 * (r["qkv"] * 64 + r["proj"] * 32 + r["fc1"] * 48 + r["fc2"] * 48)
+  assert lowrank_vit.forward_flops(low, depth=2, width=16) == 2 * (4 * per_token_low + 2 * 2 * 4 * 4 * 16 + 160)
+
+
+def test_interleaved_throughput_orders_median_between_min_and_max(smoke):
+  from jaxlab.experiments.measure import interleaved_throughput
+  got = interleaved_throughput({"dense": checkpoint.load(os.path.join(smoke, "seed0", "dense")),
+                                "svd": checkpoint.load(os.path.join(smoke, "seed0", "r2", "svd"))}, batch=8, rounds=3)
+  assert set(got) == {"dense", "svd"}
+  for v in got.values():
+    assert 0 < v["min"] <= v["median"] <= v["max"]
+
+
 def test_transform_on_checkpoint_full_rank_matches_dense_outputs(smoke):
-  dense_ckpt = checkpoint.load(os.path.join(smoke, "dense"))
+  dense_ckpt = checkpoint.load(os.path.join(smoke, "seed0", "dense"))
   out = transforms.apply("lowrank_svd", [dense_ckpt], {"ratio": 0.1})
   assert out.meta["model"]["name"] == "lowrank_vit"
   assert out.report["params_after"] > out.report["params_before"]  # full rank costs more than dense
@@ -222,16 +265,16 @@ def test_transform_on_checkpoint_full_rank_matches_dense_outputs(smoke):
   x = jax.random.uniform(jax.random.key(0), (3, *INPUT))
   np.testing.assert_allclose(np.asarray(module.apply({"params": out.theta}, x)),
                              np.asarray(dense_ckpt.apply(x)), atol=1e-5, rtol=1e-5)
-  svd = checkpoint.load(os.path.join(smoke, "r2", "svd"))
+  svd = checkpoint.load(os.path.join(smoke, "seed0", "r2", "svd"))
   assert svd.meta["provenance"]["transform"] == "lowrank_svd"
   assert svd.meta["provenance"]["report"]["params_after"] < svd.meta["provenance"]["report"]["params_before"]
 
 
 def test_transform_bad_inputs(smoke):
-  svd = checkpoint.load(os.path.join(smoke, "r2", "svd"))
+  svd = checkpoint.load(os.path.join(smoke, "seed0", "r2", "svd"))
   with pytest.raises(ValueError, match="only dense 'vit'"):
     transforms.apply("lowrank_svd", [svd], {"ratio": 2.0})
-  dense_ckpt = checkpoint.load(os.path.join(smoke, "dense"))
+  dense_ckpt = checkpoint.load(os.path.join(smoke, "seed0", "dense"))
   with pytest.raises(ValueError, match="ratio must be > 0"):
     transforms.apply("lowrank_svd", [dense_ckpt], {"ratio": -2.0})
   with pytest.raises(ValueError, match="unknown argument"):
@@ -242,7 +285,7 @@ def test_pipeline_bad_config(tmp_path):
   from jaxlab import pipelines
   cfg = _pela_config("smoke")
   cfg.pela.variants = ("pela_magic",)
-  with pytest.raises(ValueError, match="unknown"):
+  with pytest.raises(ValueError, match="variants within"):
     pipelines.get("pela")(cfg, str(tmp_path))
   with pytest.raises(ValueError, match="unknown config argument"):
     _pela_config("big")

@@ -123,3 +123,24 @@ def make_context_fn(module, param, obj_cfg, model_state, batch: dict, rng, teach
                               teacher_params=None if teacher is None else teacher.params)
 
   return context_fn
+
+
+def checkpoint_gradient_ratios(student: str, obj_cfg, teacher: str | None = None, batch_size: int = 64,
+                               seed: int = 0) -> dict[str, dict[str, float]]:
+  """`objective_gradient_ratios` of `obj_cfg` at a saved checkpoint, on its data set's first `batch_size` training
+  examples, with the checkpoint at `teacher` (if any) as the frozen teacher.
+
+  Args:
+    student: checkpoint (directory) whose trainable tree is differentiated.
+    obj_cfg: the objective config (e.g. a trained stage's `config.objective` read from its checkpoint meta).
+    teacher: teacher checkpoint, needed when the objective has teacher terms.
+    batch_size: examples in the batch.
+    seed: PRNG seed of the preparer / dropout.
+  """
+  from jaxlab import checkpoint, data
+  st = checkpoint.load(student)
+  ds = data.get_dataset(st.meta["data"]["config"], st.meta)
+  fn = make_context_fn(st.module, st.parameterization, obj_cfg, st.model_state,
+                       ds.device_preprocess(ds.sample_batch(batch_size)), jax.random.key(seed),
+                       teacher=checkpoint.load(teacher) if teacher else None)
+  return objective_gradient_ratios(fn, st.theta, obj_cfg)
