@@ -17,12 +17,14 @@ from jaxlab.experiments import (
     check_rows,
     claim,
     command,
+    compare,
     derive,
     dotted,
     figure,
     learned,
     machine,
     majority_baseline,
+    matches,
     precondition,
     split_labels,
     stats,
@@ -246,3 +248,27 @@ def test_bars_and_a_grid_of_panels(tmp_path):
   figure(str(tmp_path / "grid.png"), draw, ncols=3, nrows=2, size=(2, 2))
   assert drawn["heights"] == [60.0, 40.0, 90.0] and drawn["line"] == pytest.approx(30.0)
   assert os.path.getsize(tmp_path / "grid.png") > 0
+
+
+def test_matches_allows_the_tolerance_below_the_reference():
+  p = matches("aux vs plain", {"mean": 0.90}, 0.915, tolerance=0.02)
+  assert p["holds"] and p["value"] == pytest.approx(-0.015) and p["threshold"] == -0.02
+  assert "90.0% vs 91.5% (at most 2 points below)" in p["name"]
+  assert not matches("aux vs plain", 0.89, 0.915, tolerance=0.02)["holds"]
+  assert matches("x", 0.5, 0.5)["threshold"] == 0.0 and str(matches("x", 0.5, 0.5)["threshold"]) == "0.0"
+
+
+def test_compare_counts_wins_per_value_and_their_majority():
+  rows = [{"method": m, "depth": dd, "seed": s, "test_acc": v} for m, dd, s, v in (
+      ("a", 2, 0, 0.8), ("a", 2, 1, 0.9), ("a", 4, 0, 0.6), ("a", 4, 1, 0.6), ("a", 6, 0, 0.7),
+      ("b", 2, 0, 0.7), ("b", 2, 1, 0.7), ("b", 4, 0, 0.65), ("b", 4, 1, 0.65), ("b", 6, 0, 0.5))]
+  table = aggregate(rows, by=("method", "depth"))
+  c = compare(table, "a", "b", "depth")
+  assert (c["wins"], c["n"], c["holds"]) == (2, 3, True)
+  assert c["mean_diff"] == pytest.approx((0.15 - 0.05 + 0.2) / 3)
+  assert "higher at 2/3 values of depth" in c["text"] and "+10.0 points" in c["text"]
+  # within one std: depth 4 (-0.05) is within a's / b's std? both 0 there, so still a loss
+  assert compare(table, "a", "b", "depth", within_std=True)["wins"] == 2
+  assert compare(table, "a", "c", "depth") == {"wins": 0, "n": 0, "mean_diff": None, "holds": None,
+                                                "text": "higher at 0/0 values of depth (holds at a majority); mean "
+                                                        "difference - points"}

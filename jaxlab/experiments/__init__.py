@@ -23,6 +23,7 @@ from jaxlab.experiments.report import (
     check_rows,
     claim,
     command,
+    compare,
     errorbars,
     figure,
     learned,
@@ -30,6 +31,7 @@ from jaxlab.experiments.report import (
     machine,
     majority_baseline,
     markdown_table,
+    matches,
     pm,
     precondition,
     split_labels,
@@ -49,7 +51,7 @@ from jaxlab.experiments.runner import (
 
 __all__ = [
     "DONE_FILE", "REQUEST_FILE", "STD_NOTE", "VERDICTS", "Experiment", "Report", "TrainStage", "TransformStage",
-    "aggregate", "bars", "check_rows", "claim", "command", "derive", "dotted", "errorbars", "figure", "jsonable",
-    "learned", "lookup", "machine", "majority_baseline", "markdown_table", "pm", "precondition", "split_labels",
-    "stats", "summary_row",
+    "aggregate", "bars", "check_rows", "claim", "command", "compare", "derive", "dotted", "errorbars", "figure",
+    "jsonable", "learned", "lookup", "machine", "majority_baseline", "markdown_table", "matches", "pm", "precondition",
+    "split_labels", "stats", "summary_row",
 ]

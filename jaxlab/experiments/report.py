@@ -166,6 +166,33 @@ def learned(name: str, accuracy, majority: dict | float, margin: float = 0.05) -
                       accuracy, base + margin)
 
 
+def matches(name: str, value, reference, tolerance: float = 0.0) -> dict:
+  """The precondition that a model is at least as good as a reference (e.g. the plain net of its size at the same
+  budget) up to `tolerance`: value - reference >= -tolerance. `value` / `reference`: fractions or `stats` groups
+  (their means); the name states both accuracies and the tolerance."""
+  v, r = (float(x["mean"] if isinstance(x, dict) else x) for x in (value, reference))
+  return precondition(f"{name}: {100 * v:.1f}% vs {100 * r:.1f}% (at most {100 * tolerance:g} points below)",
+                      v - r, 0.0 - float(tolerance))
+
+
+def compare(groups: Sequence[dict], a: str, b: str, over: str, key: str = "method", within_std: bool = False,
+            unit: str = "points") -> dict:
+  """Arm `a` against arm `b` at every value of `over` both have (groups of `aggregate` by (key, over)).
+
+  A value is a win when a's mean is higher (`within_std`: when it is at most the larger of the two sample stds
+  below). Returns {'wins', 'n', 'mean_diff' (fraction, None without pairs), 'holds' (a majority of wins; None
+  without pairs), 'text' (the evidence sentence)}.
+  """
+  pairs = [(x, lookup(groups, **{key: b, over: x[over]})) for x in groups if x.get(key) == a]
+  diffs = [(x["mean"] - y["mean"], max(x["std"], y["std"])) for x, y in pairs if y and y.get("mean") is not None]
+  wins = sum(dm > (-sd if within_std else 0.0) for dm, sd in diffs)
+  mean = float(np.mean([dm for dm, _ in diffs])) if diffs else None
+  text = (f"{'within one std or higher' if within_std else 'higher'} at {wins}/{len(diffs)} values of {over} "
+          f"(holds at a majority); mean difference {'-' if mean is None else f'{100 * mean:+.1f}'} {unit}")
+  return {"wins": wins, "n": len(diffs), "mean_diff": mean, "holds": wins > len(diffs) / 2 if diffs else None,
+          "text": text}
+
+
 # ----------------------------------------------------------------------------- command and machine lines
 
 
@@ -223,13 +250,19 @@ def markdown_table(header: Sequence[str], body: Iterable[Sequence]) -> list[str]
 
 
 def errorbars(ax, groups: Sequence[dict], x: str, series: str, scale: float = 100.0,
-              dashed: Callable[[str], bool] = lambda name: False) -> None:
+              dashed: Callable[[str], bool] = lambda name: False, baselines: dict[str, float] | None = None) -> None:
   """One line per value of `groups[series]` (groups of `aggregate`): the mean against `groups[x]` with
-  sample-std error bars, in order of first appearance."""
+  sample-std error bars, in order of first appearance. `baselines` ({label: fraction}) are dotted lines."""
   for name in dict.fromkeys(g[series] for g in groups):
     pts = sorted((g for g in groups if g[series] == name), key=lambda g: g[x])
     ax.errorbar([g[x] for g in pts], [scale * g["mean"] for g in pts], yerr=[scale * g["std"] for g in pts],
                 marker="o", capsize=3, label=str(name), linestyle="--" if dashed(name) else "-")
+  _baselines(ax, baselines, scale)
+
+
+def _baselines(ax, baselines: dict[str, float] | None, scale: float) -> None:
+  for j, (label, value) in enumerate((baselines or {}).items()):
+    ax.axhline(scale * value, color="k", linestyle=(":", "--", "-.")[j % 3], linewidth=1, label=label)
 
 
 def bars(ax, groups: Sequence[dict], x: str, series: str, scale: float = 100.0,
@@ -245,8 +278,7 @@ def bars(ax, groups: Sequence[dict], x: str, series: str, scale: float = 100.0,
     got = [(i, g) for i, g in got if g and g.get("mean") is not None]
     ax.bar([i + (j - (len(names) - 1) / 2) * w for i, _ in got], [scale * g["mean"] for _, g in got], w,
            yerr=[scale * g["std"] for _, g in got], capsize=2, label=str(name))
-  for j, (label, value) in enumerate((baselines or {}).items()):
-    ax.axhline(scale * value, color="k", linestyle=(":", "--", "-.")[j % 3], linewidth=1, label=label)
+  _baselines(ax, baselines, scale)
   ax.set_xticks(range(len(xs)), [str(v) for v in xs])
 
 
@@ -316,6 +348,12 @@ class Report:
   def precondition(self, *args, **kwargs) -> dict:
     """Records and returns `precondition(...)`."""
     p = precondition(*args, **kwargs)
+    self.preconditions.append(p)
+    return p
+
+  def matches(self, *args, **kwargs) -> dict:
+    """Records and returns `matches(...)`."""
+    p = matches(*args, **kwargs)
     self.preconditions.append(p)
     return p
 

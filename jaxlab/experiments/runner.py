@@ -220,6 +220,12 @@ class Experiment:
     self.stages.append({"name": stage.name, "request": request, "skipped": False, "wall_s": time.time() - t0})
     return summary
 
+  def accuracy(self, name: str, split: str = "test") -> float:
+    """The accuracy on `split` of the experiment's data set (`base.data`) of the checkpoint of stage `name` (or of
+    any checkpoint path)."""
+    from jaxlab import evaluate
+    return float(evaluate.evaluate_checkpoint(self.path(name), split, data_cfg=self.base.data)["accuracy"])
+
   def run_all(self, stages: Sequence[TrainStage | TransformStage]) -> dict[str, dict]:
     """Runs `stages` in order; returns `{name: summary}`."""
     return {s.name: self.run(s) for s in stages}
