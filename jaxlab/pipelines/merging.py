@@ -1,12 +1,10 @@
 """Pipeline `merging`: one pre-trained model, fine-tunes on conflicting digit tasks, merges compared.
 
-Tasks: the digits under fixed input transformations (`digits_task`: inverted, rotated, mirrored, pixel-permuted),
-which need different features, so the fine-tunes interfere: the setting where TIES and DARE claim to beat task
-arithmetic. Stages per seed in `seed_<s>/`: `pretrain` (on `merging.pretrain_task`), `ft_<task>` (from it), and
-one transform stage per merge of the fine-tunes, the task-vector merges' scale chosen first (in memory) on the
-tasks' mean held-out accuracy. A merge is evaluated on task t with t's fine-tune's head (`merging.task_heads`).
-Preconditions: each fine-tune beats the pre-trained model on its task; the tasks interfere. Claims: TIES,
-DARE-TIES and breadcrumbs beat task arithmetic. Writes results.json/md and merging.png.
+Tasks: the digits under fixed input transformations (`digits_task`), which need different features, so the
+fine-tunes interfere: where TIES and DARE claim to beat task arithmetic. Stages per seed in `seed_<s>/`: `pretrain`,
+`ft_<task>` (from it) and one transform stage per merge, the task-vector merges' scale chosen first (in memory) on
+the tasks' mean held-out accuracy; task t is scored with ft_t's head (`merging.task_heads`). Preconditions: each
+fine-tune beats the pre-trained model on its task; the tasks interfere. Writes results.json/md and merging.png.
 """
 
 from __future__ import annotations
@@ -16,9 +14,9 @@ import itertools
 import ml_collections
 import numpy as np
 
-from jaxlab import checkpoint, configs, pipelines, transforms
+from jaxlab import checkpoint, pipelines, transforms
 from jaxlab.data import digits_task
-from jaxlab.experiments import Experiment, Report, TrainStage, TransformStage, aggregate, lookup, pm, report
+from jaxlab.experiments import Experiment, Report, TrainStage, TransformStage, aggregate, bars, lookup, pm, report
 from jaxlab.transforms import soups
 
 SPLITS = ("heldout", "test")
@@ -31,21 +29,19 @@ def merge_specs(mc) -> list[tuple[str, str, dict, bool]]:
   return [("uniform_soup", "uniform_soup", {}, False), ("task_arithmetic", "task_arithmetic", {}, True),
           ("ties", "ties_merge", {"density": str(mc.ties_density)}, True),
           ("dare_ties", "dare", {"density": str(mc.dare_density), "combine": "ties", "seed": 0}, True),
-          ("breadcrumbs", "breadcrumbs", {"density": str(mc.breadcrumbs_density),
-                                          "gamma": str(mc.breadcrumbs_gamma)}, True),
-          ("model_stock", "model_stock", {}, False)]
+          ("breadcrumbs", "breadcrumbs", {"density": str(mc.breadcrumbs_density), "gamma": str(mc.breadcrumbs_gamma)},
+           True), ("model_stock", "model_stock", {}, False)]
 
 
 def task_evaluator(data_cfg, tasks):
-  """`fn(module, params, model_state, splits, heads)` -> {task: {split: accuracy}}; with `heads` ({task: head
-  params}) task t is evaluated with `params['head'] = heads[t]`. One compiled eval step per task and split."""
+  """`fn(module, params, model_state, splits, heads)` -> {task: {split: accuracy}}, task t with `heads[t]` as the
+  head when given; one compiled eval step per task and split."""
   sets = {t: digits_task.build(ml_collections.ConfigDict({**data_cfg.to_dict(), "task": t})) for t in tasks}
   evs = {}
 
   def accs(module, params, model_state, splits=SPLITS, heads=None):
-    for t, s in itertools.product(tasks, splits):
-      if (t, s) not in evs:
-        evs[(t, s)] = soups.Evaluator(module, sets[t], s)
+    evs.update({(t, s): soups.Evaluator(module, sets[t], s) for t, s in itertools.product(tasks, splits)
+                if (t, s) not in evs})
     return {t: {s: evs[(t, s)]({**params, "head": heads[t]} if heads and t in heads else params, model_state)
                 for s in splits} for t in tasks}
   return accs
@@ -128,15 +124,9 @@ def claims(rows: list[dict], pre: list[dict], tasks, seeds, min_effect: float = 
 
 @pipelines.register("merging")
 def run(config, workdir: str) -> dict:
-  """Runs the merging experiment (module docstring); returns a short summary.
-
-  Raises:
-    ValueError: a bad `config.merging` entry (unknown task, fewer than two tasks, no seeds or scales).
-  """
-  exp = Experiment(config, workdir, section="merging")
-  mc = exp.section
-  for key, kind in dict(tasks=str, seeds=int, scales=float).items():
-    mc[key] = configs.as_tuple(mc[key], kind)
+  """Runs the merging experiment (module docstring); ValueError for an unknown task, fewer than two tasks, no seeds
+  or no scales (`config.merging`)."""
+  mc = (exp := Experiment(config, workdir, section="merging", lists=dict(tasks=str, seeds=int, scales=float))).section
   for t in (*mc.tasks, mc.pretrain_task):
     digits_task.check_task(t, "config.merging.tasks")
   if len(mc.tasks) < 2 or not mc.seeds or not mc.scales:
@@ -156,18 +146,20 @@ def run(config, workdir: str) -> dict:
            f"chosen on the tasks' mean held-out accuracy over {list(mc.scales)}; merges evaluated with "
            f"{'each task' if mc.task_heads else 'the merged'} head. Every stage's lr, densities and scale: Stages.")
   label = {"upper_bound": "per-task upper bound (each task's own fine-tune)"}
+  maj = rep.baseline("test")["accuracy"]  # every task has the same test labels (the same images)
   rep.table(("model", "average", *mc.tasks), [(label.get(n, n), f"**{pm(lookup(groups['test_acc'], name=n))}**",
                                               *(pm(lookup(groups[f"test_{t}"], name=n)) for t in mc.tasks))
-                                             for n in names], caption="Test accuracy (%)")
+                                             for n in names] + [("majority class", *[f"{100 * maj:.1f}"] * (
+                                                 1 + len(mc.tasks)))], caption="Test accuracy (%)")
   searched = dict.fromkeys(r["name"] for r in rep.rows if r.get("scale_search"))
   rep.text("Chosen scales per seed: " + "; ".join(
       f"{n} {[float(r['args']['scale']) for r in rep.rows if r['name'] == n]}" for n in searched) + ".")
-  rep.figure("merging.png", lambda axes: _plot(axes, groups, names, mc.tasks), ncols=2, size=(7, 4.5))
+  rep.figure("merging.png", lambda axes: _plot(axes, groups, names, mc.tasks, maj), ncols=2, size=(7, 4.5))
   res = rep.write()
   return {"workdir": exp.workdir, "verdicts": [c["verdict"] for c in res["claims"]]}
 
 
-def _plot(axes, groups: dict, names: list[str], tasks) -> None:
+def _plot(axes, groups: dict, names: list[str], tasks, majority: float) -> None:
   """Average test accuracy per model (sample-std error bars) and per-task accuracy of the merges."""
   avg = [lookup(groups["test_acc"], name=n) for n in names]
   colors = [{"pretrained": "gray", "upper_bound": "black"}.get(n, "tab:blue" if n[:3] == "ft_" else "tab:orange")
@@ -176,14 +168,8 @@ def _plot(axes, groups: dict, names: list[str], tasks) -> None:
               capsize=3)
   axes[0].set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
   axes[0].set(ylabel="average test accuracy over tasks (%)", title="mean ± sample std over seeds")
-  merges = [n for n in names if n not in ("pretrained", "upper_bound") and not n.startswith("ft_")]
-  width, x = 0.8 / max(len(merges), 1), np.arange(len(tasks))
-  for k, n in enumerate(merges):
-    got = [lookup(groups[f"test_{t}"], name=n) for t in tasks]
-    axes[1].bar(x + k * width, [100 * g["mean"] for g in got], width, yerr=[100 * g["std"] for g in got], label=n,
-                capsize=2)
-  axes[1].plot(x + 0.4 - width / 2, [100 * lookup(groups[f"test_{t}"], name="upper_bound")["mean"] for t in tasks],
-               "k_", markersize=30, label="own fine-tune")
-  axes[1].set_xticks(x + 0.4 - width / 2, tasks)
+  merges = [n for n in names if n != "pretrained" and n[:3] != "ft_"]  # the merges and the per-task upper bound
+  bars(axes[1], [{**lookup(groups[f"test_{t}"], name=n), "task": t} for t in tasks for n in merges], x="task",
+       series="name", baselines={"majority class": majority})
   axes[1].set(ylabel="test accuracy (%)")
   axes[1].legend(fontsize=7)
