@@ -39,8 +39,8 @@ def get_config(arg: str | None = None):
   g = c.mixture_growth = ml_collections.ConfigDict()
   g.seeds = (0, 1, 2)
   g.num_templates = 2            # templates per set and layer
-  g.member_steps = 200           # training steps of each member (phase A and phase B)
-  g.grow_steps = 200             # grown networks (phase C): 1.0 x member_steps (official CIFAR: 40/200 = 0.2 x)
+  g.member_steps = 400           # training steps of each member (phase A and phase B)
+  g.grow_steps = 400             # grown networks (phase C): 1.0 x member_steps (official CIFAR: 40/200 = 0.2 x)
   g.grow_lr = 0.02               # peak lr of the grown networks' stages (the official code drops the LR at growth)
   g.grow_warmup = 0              # warmup steps of the grown networks' stages
   g.grow_noise = 1.0             # grow_mixture `noise` (coefs_noise_growing)
