@@ -257,7 +257,14 @@ def test_pipeline_smoke(tmp_path):
     assert {"name", "method", "depth", "seed", "test_acc", "train_steps", "params"} <= set(r)
     assert 0.0 <= r["test_acc"] <= 1.0
   methods = {r["method"] for r in rows}
-  assert {"teacher", "tleg_aux", "sws_aux", "tleg", "sws", "scratch", "scratch_2x"} <= methods
+  assert {"teacher", "plain_teacher", "plain_aux", "tleg_aux", "sws_aux", "tleg", "sws", "scratch",
+          "scratch_2x"} <= methods
+  # the expansion to the aux depth with the aux's own final norm is the aux net: identical test accuracy
+  same = [p for p in res["preconditions"] if "is the aux net" in p["name"]]
+  assert len(same) == 2 and all(p["holds"] and p["value"] == 0.0 for p in same)
+  assert len(res["claims"]) == 4
+  if any(not p["holds"] for p in res["preconditions"] if p["name"].startswith("teacher")):  # every claim rests on it
+    assert all(c["verdict"] == "not tested" and c["evidence"].startswith("precondition failed") for c in res["claims"])
   # a descendant and its scratch twin have the same architecture
   d = {(r["method"], r["depth"]): r["params"] for r in rows}
   assert d[("tleg", 2)] == d[("scratch", 2)] == d[("sws", 2)]
