@@ -3,8 +3,9 @@
     python benchmarks/lowrank.py                      # ViT-S/16 at 64 px for throughput, ViT-B for the SVD
     python benchmarks/lowrank.py --size=B --image=112 --batch=16
 
-1. Forward throughput (jit-compiled, inference, best of `--reps`) of the dense ViT
-   and of the low-rank ViT at each ratio, with parameter counts and ratios.
+1. Forward throughput (jit-compiled, inference) of the dense ViT and of the low-rank ViT at each ratio, timed
+   in `--reps` interleaved rounds (each round times every model once, so a change of machine load hits every
+   model alike): median and min-max examples/s, with parameter counts and analytic forward FLOPs.
 2. Time of `lowrank_svd`'s core (`compress_params`: jit-compiled SVD vmapped over
    depth) on a ViT-B-sized tree of random weights, first call (with compilation)
    and second call, against a per-layer Python loop of `torch.linalg.svd` (the
@@ -40,23 +41,28 @@ def throughput(size: str, image: int, patch: int, batch: int, ratios, reps: int)
   base = dict(name="vit", size=size, patch_size=patch, pool="cls")
   shape = (image, image, 3)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *shape)), jnp.float32)
-  print(f"== forward throughput: ViT-{size}/{patch}, {image}x{image} images, batch {batch}, best of {reps}")
-  print(f"{'model':<22}{'params':>14}{'kept':>8}{'img/s':>10}{'speed-up':>10}")
-  dense_ips = None
-  dense_n = None
+  print(f"== forward throughput: ViT-{size}/{patch}, {image}x{image} images, batch {batch}, {reps} interleaved rounds")
+  models = {}
   for ratio in (None, *ratios):
     cfg = dict(base) if ratio is None else {**base, "name": "lowrank_vit", "ratio": ratio}
     module = build.model(cfg, 1000)
     params = build.init_variables(module, jax.random.key(0), shape)["params"]
     fwd = jax.jit(lambda p, x, m=module: m.apply({"params": p}, x, train=False))
-    jax.block_until_ready(fwd(params, x))
-    ips = batch / _time(lambda f=fwd, p=params: f(p, x), reps)
-    n = trees.count(params)
-    if ratio is None:
-      dense_ips, dense_n = ips, n
-    name = "dense" if ratio is None else f"low-rank ratio {ratio:g}"
-    print(f"{name:<22}{n:>14,}{n / dense_n:>8.2f}{ips:>10.1f}{ips / dense_ips:>9.2f}x")
-    del params
+    jax.block_until_ready(fwd(params, x))  # compile outside the timed rounds
+    models["dense" if ratio is None else f"low-rank ratio {ratio:g}"] = (fwd, params)
+  times = {k: [] for k in models}
+  for _ in range(max(1, reps)):
+    for k, (fwd, params) in models.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fwd(params, x))
+      times[k].append(time.perf_counter() - t)
+  print(f"{'model':<22}{'params':>14}{'kept':>7}{'GFLOPs/img':>12}{'img/s median':>14}{'min-max':>16}{'speed-up':>10}")
+  dense_n, dense_ips = trees.count(models["dense"][1]), batch / np.median(times["dense"])
+  for k, (_, params) in models.items():
+    n, ips = trees.count(params), batch / np.median(times[k])
+    spread = f"{batch / max(times[k]):.1f}-{batch / min(times[k]):.1f}"
+    print(f"{k:<22}{n:>14,}{n / dense_n:>7.2f}{lowrank_vit.forward_flops(params) / 1e9:>12.3f}{ips:>14.1f}"
+          f"{spread:>16}{ips / dense_ips:>9.2f}x")
 
 
 def svd_time(reps: int, torch_threads: int) -> None:
@@ -111,7 +117,7 @@ def main():
   p.add_argument("--patch", type=int, default=16)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--ratios", default="1.5,2,3")
-  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--reps", type=int, default=20)
   p.add_argument("--svd_reps", type=int, default=2)
   p.add_argument("--skip_svd", action="store_true")
   p.add_argument("--skip_throughput", action="store_true")

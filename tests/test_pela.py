@@ -239,12 +239,12 @@ def test_forward_flops_formula():
   module, params = _init(TINY)
   per_token = 4 * 4 * 1 * 16 + 2 * (16 * 48 + 16 * 16 + 16 * 32 + 32 * 16)
   expected = 2 * (4 * per_token + 2 * 2 * 4 * 4 * 16 + 16 * 10)
-  assert lowrank_vit.forward_flops(params, depth=2, width=16) == expected
+  assert lowrank_vit.forward_flops(params) == expected
   _, low, _, _ = _compress(params, ratio=2.0)
   r = {k: lowrank_vit.rank_for(a, b, 2.0) for k, (a, b) in {"qkv": (16, 48), "proj": (16, 16), "fc1": (16, 32),
                                                             "fc2": (32, 16)}.items()}
   per_token_low = 4 * 4 * 16 + 2 * (r["qkv"] * 64 + r["proj"] * 32 + r["fc1"] * 48 + r["fc2"] * 48)
-  assert lowrank_vit.forward_flops(low, depth=2, width=16) == 2 * (4 * per_token_low + 2 * 2 * 4 * 4 * 16 + 160)
+  assert lowrank_vit.forward_flops(low) == 2 * (4 * per_token_low + 2 * 2 * 4 * 4 * 16 + 160)
 
 
 def test_interleaved_throughput_orders_median_between_min_and_max(smoke):

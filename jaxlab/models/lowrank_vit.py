@@ -189,14 +189,16 @@ def count_params(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> i
   return int(sum(math.prod(s.shape) for s in jax.tree.leaves(abstract_params(model_cfg, num_classes, input_shape))))
 
 
-def forward_flops(params, depth: int, width: int) -> float:
+def forward_flops(params) -> float:
   """Analytic forward FLOPs per example (2 x multiply-adds) of a dense or low-rank ViT from its params.
 
   Every Dense kernel and low-rank factor (`kernel`, `u`, `v` leaves, the patch embedding included) is applied once
   per token; attention adds two N x N x width products per layer (scores and the weighted sum); the head is applied
-  once (pooled). N is the token count of `pos_embed`. Norms, softmax, biases and GELU are not counted.
+  once (pooled). N and the width come from `pos_embed` ([1, N, width]), the depth from the stacked blocks' leading
+  axis. Norms, softmax, biases and GELU are not counted.
   """
   flat = trees.flatten(params)
-  n = flat["pos_embed"].shape[1]
+  _, n, width = flat["pos_embed"].shape
+  depth = flat["blocks/norm1/scale"].shape[0]
   per_token = sum(v.size for k, v in flat.items() if k.rsplit("/", 1)[-1] in ("kernel", "u", "v") and k[:5] != "head/")
   return 2.0 * (n * per_token + 2 * depth * n * n * width + flat["head/kernel"].size)

@@ -102,9 +102,9 @@ def report(exp: Experiment, rows: list[dict], paths: dict, speed: dict, diag: di
               "" if (a["name"], a["ratio"]) not in nd else f"{nd[(a['name'], a['ratio'])]:.1f}") for a in agg]
             + [("majority class", "", "", "", f"{100 * base['accuracy']:.2f}", "", "", "")], caption="Test accuracy")
   rep.table(("model", "ratio", "params", "forward FLOPs (analytic)", "examples/s median", "min-max"),
-            [(k[0], f"{k[1]:g}", f"{trees.count(ld.params):,}", f"{forward_flops(ld.params, m.depth, m.width):,.0f}",
+            [(k[0], f"{k[1]:g}", f"{trees.count(ld.params):,}", f"{forward_flops(ld.params):,.0f}",
               f"{v['median']:,.0f}", f"{v['min']:,.0f}-{v['max']:,.0f}") for k, v in speed.items()
-             if (ld := checkpoint.load(paths[k])) and (m := exp.base.model)],
+             if (ld := checkpoint.load(paths[k]))],
             seeds=False, caption=f"Forward pass, batch {p.throughput_batch}, jit-compiled; {p.throughput_reps} "
             "interleaved rounds (each times every model once, so load changes hit all alike); one checkpoint each")
   if diag:
