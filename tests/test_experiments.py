@@ -269,6 +269,8 @@ def test_compare_counts_wins_per_value_and_their_majority():
   assert "higher at 2/3 values of depth" in c["text"] and "+10.0 points" in c["text"]
   # within one std: depth 4 (-0.05) is within a's / b's std? both 0 there, so still a loss
   assert compare(table, "a", "b", "depth", within_std=True)["wins"] == 2
+  tied = aggregate([{"method": m, "seed": s, "test_acc": 0.5} for m in "ab" for s in (0, 1)], by=("method", "seed"))
+  assert compare(tied, "a", "b", "seed")["wins"] == 0 and compare(tied, "a", "b", "seed", ties_win=True)["holds"]
   assert compare(table, "a", "c", "depth") == {"wins": 0, "n": 0, "mean_diff": None, "holds": None,
                                                 "text": "higher at 0/0 values of depth (holds at a majority); mean "
                                                         "difference - points"}

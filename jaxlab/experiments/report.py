@@ -176,18 +176,19 @@ def matches(name: str, value, reference, tolerance: float = 0.0) -> dict:
 
 
 def compare(groups: Sequence[dict], a: str, b: str, over: str, key: str = "method", within_std: bool = False,
-            unit: str = "points") -> dict:
+            unit: str = "points", ties_win: bool = False) -> dict:
   """Arm `a` against arm `b` at every value of `over` both have (groups of `aggregate` by (key, over)).
 
-  A value is a win when a's mean is higher (`within_std`: when it is at most the larger of the two sample stds
-  below). Returns {'wins', 'n', 'mean_diff' (fraction, None without pairs), 'holds' (a majority of wins; None
-  without pairs), 'text' (the evidence sentence)}.
+  A value is a win when a's mean is higher (`ties_win`: or equal, for "at least as good"; `within_std`: when it
+  is at most the larger of the two sample stds below). Returns {'wins', 'n', 'mean_diff' (fraction, None without
+  pairs), 'holds' (a majority of wins; None without pairs), 'text' (the evidence sentence)}.
   """
   pairs = [(x, lookup(groups, **{key: b, over: x[over]})) for x in groups if x.get(key) == a]
   diffs = [(x["mean"] - y["mean"], max(x["std"], y["std"])) for x, y in pairs if y and y.get("mean") is not None]
-  wins = sum(dm > (-sd if within_std else 0.0) for dm, sd in diffs)
+  wins = sum(dm > -sd if within_std else dm >= -EPS if ties_win else dm > EPS for dm, sd in diffs)
   mean = float(np.mean([dm for dm, _ in diffs])) if diffs else None
-  text = (f"{'within one std or higher' if within_std else 'higher'} at {wins}/{len(diffs)} values of {over} "
+  how = "within one std or higher" if within_std else "as high or higher" if ties_win else "higher"
+  text = (f"{how} at {wins}/{len(diffs)} values of {over} "
           f"(holds at a majority); mean difference {'-' if mean is None else f'{100 * mean:+.1f}'} {unit}")
   return {"wins": wins, "n": len(diffs), "mean_diff": mean, "holds": wins > len(diffs) / 2 if diffs else None,
           "text": text}

@@ -226,6 +226,17 @@ class Experiment:
     from jaxlab import evaluate
     return float(evaluate.evaluate_checkpoint(self.path(name), split, data_cfg=self.base.data)["accuracy"])
 
+  def predictions(self, name: str, split: str = "test"):
+    """Class predictions (argmax of the logits; padding dropped) on `split` of the checkpoint of stage `name` (or
+    of any checkpoint path), over the data set the checkpoint was trained on."""
+    import numpy as np
+
+    from jaxlab import checkpoint, data
+    ld = checkpoint.load(self.path(name))
+    ds = data.get_dataset(ld.meta["data"]["config"], ld.meta)
+    return np.concatenate([np.argmax(ld.apply(ds.device_preprocess(b)["inputs"]), -1)[np.asarray(b["mask"]) > 0]
+                           for b in ds.eval_batches(split, 512)])
+
   def run_all(self, stages: Sequence[TrainStage | TransformStage]) -> dict[str, dict]:
     """Runs `stages` in order; returns `{name: summary}`."""
     return {s.name: self.run(s) for s in stages}
