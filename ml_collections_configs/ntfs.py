@@ -1,13 +1,13 @@
-"""Never Train from Scratch: S4D and Transformer, from scratch vs self-pretrained, matched budget, 3 seeds.
+"""Never Train from Scratch: S4D and Transformer, from scratch vs self-pretrained, matched labelled steps, 3 seeds.
 
     python -m jaxlab.main --config=ml_collections_configs/ntfs.py --workdir=runs/ntfs
     python -m jaxlab.main --config=ml_collections_configs/ntfs.py:smoke --workdir=runs/ntfs_smoke
 
 Arguments after `:`: `smoke` (one seed, a few steps, tiny data; under a minute on a CPU).
 Every task is generated offline (jaxlab/data/sequences.py). Each model trains
-`pretrain_steps + finetune_steps` steps from scratch, or pretrains on the
-task's own training inputs for `pretrain_steps` and fine-tunes for
-`finetune_steps` (see jaxlab/pipelines/ntfs.py and docs/ntfs.md).
+`finetune_steps` labelled steps from scratch, or pretrains on the task's own
+training inputs for `pretrain_steps` and then fine-tunes for the same
+`finetune_steps` labelled steps (see jaxlab/pipelines/ntfs.py and docs/ntfs.md).
 """
 
 import ml_collections
@@ -40,14 +40,16 @@ def get_config(arg: str | None = None):
   n.tasks = ("listops", "seq_digits")
   n.models = ("s4d_seq", "transformer_seq")
   n.seeds = (0, 1, 2)
-  n.pretrain_steps = 150
-  n.finetune_steps = 150
+  # 600 pretraining steps: at 150 (issue 13) the pretraining did not beat the trivial predictors (ListOps masked
+  # accuracy 16.0% vs 15.3% for always `]`); at 600 both models clear them on seed 0 (docs/ntfs.md)
+  n.pretrain_steps = 600
+  n.finetune_steps = 150          # labelled steps of BOTH arms (scratch and SPT fine-tuning)
   n.objective = "denoise"         # denoise (bidirectional models) | causal (next element; causal models)
   n.pixel_loss = "l1"             # l1 | ce (256-way cross entropy on grey levels)
   n.mask_rate = ml_collections.ConfigDict({"listops": 0.10, "seq_digits": 0.5, "pathfinder": 0.5})  # NTFS rates
   n.ssm_lr = 1e-3                 # S4D's A, dt, B: peak lr min(ssm_lr, the stage's lr), no weight decay
   # scratch trains at optimizer.lr; the SPT arm's two stages at their own rates:
-  n.pretrain_lr = 3e-3            # spt_pretrain
+  n.pretrain_lr = 1e-2            # spt_pretrain (ListOps S4D masked accuracy at 600 steps: 18.3% vs 17.1% at 3e-3)
   n.finetune_lr = 3e-3            # spt_finetune
   n.plot = True
   n.data = ml_collections.ConfigDict({

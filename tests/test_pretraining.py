@@ -236,7 +236,7 @@ def test_ntfs_smoke_pipeline(tmp_path):
   assert "| listops | s4d_seq |" in md
   # each stage names its learning rate; the SSM rule follows it (peak min(1e-3, lr) / lr)
   over = {s["name"].split("/")[2]: s["request"]["overrides"] for s in res["stages"]}
-  assert [over[a]["optimizer.lr"] for a in ("scratch", "spt_pretrain", "spt_finetune")] == [3e-3, 3e-3, 1e-3]
+  assert [over[a]["optimizer.lr"] for a in ("scratch", "spt_pretrain", "spt_finetune")] == [3e-3, 1e-2, 1e-3]
   assert over["scratch"]["optimizer.lr_rules"][0][1] == pytest.approx(1 / 3)
   assert over["spt_finetune"]["optimizer.lr_rules"][0][1] == pytest.approx(1.0)
   assert over["spt_pretrain"]["objective.mask_rate"] == 0.1 and over["spt_pretrain"]["model"]["out_dim"] == 16
