@@ -254,11 +254,20 @@ def errorbars(ax, groups: Sequence[dict], x: str, series: str, scale: float = 10
               dashed: Callable[[str], bool] = lambda name: False, baselines: dict[str, float] | None = None) -> None:
   """One line per value of `groups[series]` (groups of `aggregate`): the mean against `groups[x]` with
   sample-std error bars, in order of first appearance. `baselines` ({label: fraction}) are dotted lines."""
-  for name in dict.fromkeys(g[series] for g in groups):
+  names = list(dict.fromkeys(g[series] for g in groups))
+  _colors(ax, len(names))
+  for name in names:
     pts = sorted((g for g in groups if g[series] == name), key=lambda g: g[x])
     ax.errorbar([g[x] for g in pts], [scale * g["mean"] for g in pts], yerr=[scale * g["std"] for g in pts],
                 marker="o", capsize=3, label=str(name), linestyle="--" if dashed(name) else "-")
   _baselines(ax, baselines, scale)
+
+
+def _colors(ax, n: int) -> None:
+  """More than 10 series: 20 distinct colours (matplotlib's default cycle repeats after 10)."""
+  if n > 10:
+    import matplotlib
+    ax.set_prop_cycle(color=[matplotlib.colormaps["tab20"](i) for i in range(20)])
 
 
 def _baselines(ax, baselines: dict[str, float] | None, scale: float) -> None:
@@ -274,6 +283,7 @@ def bars(ax, groups: Sequence[dict], x: str, series: str, scale: float = 100.0,
   xs = list(dict.fromkeys(g[x] for g in groups))
   names = list(dict.fromkeys(g[series] for g in groups))
   w = width / max(len(names), 1)
+  _colors(ax, len(names))
   for j, name in enumerate(names):
     got = [(i, lookup(groups, **{x: v, series: name})) for i, v in enumerate(xs)]
     got = [(i, g) for i, g in got if g and g.get("mean") is not None]
