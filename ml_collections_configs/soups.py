@@ -59,7 +59,7 @@ def get_config(arg: str | None = None):
   s.aug_shift_choices = (0, 1)
   s.aug_noise_max = 0.15          # half of the fine-tunes get Gaussian pixel noise in [0, max]
   s.high_lr = 3e-2                # one extra fine-tune at this learning rate (0 = none)
-  s.greedy_accept = ">"           # '>' (official code) or '>=' (paper's Recipe 1)
+  s.greedy_accept = ">="          # the paper's Recipe 1 ('>' official code: near ceiling it kept 1 ingredient, docs)
   s.learned_granularity = "tensor"  # 'tensor' (per tensor and layer) or 'model'
   s.learned_steps = 50            # on the 180-image heldout split
   s.learned_lr = 0.05             # AdamW, no weight decay (as learned_bylayer.py)
