@@ -287,6 +287,11 @@ def test_claims_are_not_tested_for_a_task_nothing_learned(tmp_path):
   ntfs.claims(rep, table, "denoise", trivial, {"lo": [precondition("lo/s4d_seq: pretraining", 0.16, 0.173)]})
   assert [c["verdict"] for c in rep.claims[3:]] == ["not tested"] * 3
   assert "lo/s4d_seq: pretraining" in rep.claims[3]["evidence"]
+  # both arms losing: the Transformer losing less is not "gaining more"
+  lose = [dict(g, mean=g["mean"] - (0.2 if g["pretraining"] == "denoise" else 0)) for g in table]
+  rep = Report(Experiment(ml_collections.ConfigDict({"ntfs": {"x": 1}}), str(tmp_path), "ntfs"), "t")
+  ntfs.claims(rep, lose, "denoise", {"pf": {"majority class": 0.5}, "lo": {"majority class": 0.15}}, {})
+  assert [c["verdict"] for c in rep.claims[3:5]] == ["does not hold", "does not hold"]  # gains -0.10 and -0.15
 
 
 def test_pretraining_baselines_are_the_trivial_predictors():

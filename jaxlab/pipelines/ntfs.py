@@ -142,7 +142,7 @@ def claims(rep: Report, table: list[dict], objective: str, trivial: dict, requir
     ev = f"SPT minus scratch: Transformer {100 * gain['transformer_seq']:+.1f}, S4D {100 * gain['s4d_seq']:+.1f} points"
     rep.claim(f"{task}: self-pretraining raises test accuracy of both models", min(gain.values()) > 0, ev, need)
     rep.claim(f"{task}: the Transformer gains more from self-pretraining than S4D",
-              gain["transformer_seq"] > gain["s4d_seq"], ev, need)
+              gain["transformer_seq"] > max(gain["s4d_seq"], 0), ev, need)  # losing less is no gain
     rep.claim(f"{task}: self-pretraining narrows the S4D-Transformer gap", abs(gap[1]) < abs(gap[0]),
               f"S4D minus Transformer: {100 * gap[0]:+.1f} points from scratch, {100 * gap[1]:+.1f} with SPT", need)
 
