@@ -33,8 +33,8 @@ cells = header_cells("tour.ipynb", "A tour of jaxlab: learngene -> descendants -
          "WORK = os.path.join(os.environ.get('JAXLAB_NOTEBOOK_WORKDIR') or tempfile.mkdtemp(), 'tour')\n"
          "# aux net size, its steps, the descendants' depths, the steps of each fine-tune\n"
          "S = {'smoke': dict(width=16, heads=2, mlp_dim=32, aux_depth=4, aux_steps=6, depths=(2, 4), ft_steps=3),\n"
-         "     'cpu': dict(width=32, heads=2, mlp_dim=64, aux_depth=6, aux_steps=800, depths=(3, 6), ft_steps=150),\n"
-         "     'accelerator': dict(width=64, heads=4, mlp_dim=128, aux_depth=8, aux_steps=2000, depths=(4, 8),\n"
+         "     'cpu': dict(width=64, heads=4, mlp_dim=128, aux_depth=6, aux_steps=600, depths=(3, 6), ft_steps=150),\n"
+         "     'accelerator': dict(width=128, heads=4, mlp_dim=256, aux_depth=8, aux_steps=2000, depths=(4, 8),\n"
          "                         ft_steps=400)}[SCALE]\n"
          "print(SCALE, S)\n\n\n"
          "def config(name, arg=None):\n"
@@ -66,11 +66,12 @@ cells = header_cells("tour.ipynb", "A tour of jaxlab: learngene -> descendants -
          "    c.args[k] = v\n"
          "  main.run(c, path(name))\n\n\n"
          "rows = []  # one per model: its name, stored parameters and test accuracy\n\n\n"
-         "def record(label, name):\n"
-         "  \"\"\"Evaluates checkpoint `name` on the test split and adds it to the table.\"\"\"\n"
+         "def record(label, name, *parents):\n"
+         "  \"\"\"Evaluates checkpoint `name` on the test split and adds it to the table; made from `parents`.\"\"\"\n"
          "  loaded = checkpoint.load(path(name))\n"
          "  acc = evaluate.evaluate_checkpoint(path(name), 'test')['accuracy']\n"
-         "  rows.append(dict(model=label, name=name, params=trees.count(loaded.theta), accuracy=float(acc)))\n"
+         "  rows.append(dict(model=label, name=name, params=trees.count(loaded.theta), accuracy=float(acc),\n"
+         "                   parents=parents))\n"
          "  print(f'{label:32s} {rows[-1][\"params\"]:>8,} params   test accuracy {acc:.4f}')"),
     md("## 1. The TLEG auxiliary net\n\nIts blocks store only the learngene (`A`, `B` per block parameter) and "
        "the layers outside the blocks; layer l of L computes with `A + (l/L) B`."),
@@ -83,32 +84,36 @@ cells = header_cells("tour.ipynb", "A tour of jaxlab: learngene -> descendants -
        "The expansion is an ordinary ViT checkpoint (evaluated as it comes out, then after a short fine-tune)."),
     code("for depth in S['depths']:\n"
          "  transform(f'expanded_d{depth}', 'expand_learngene', ['aux'], depth=depth)\n"
-         "  record(f'descendant d{depth}, expanded', f'expanded_d{depth}')\n"
+         "  record(f'descendant d{depth}, expanded', f'expanded_d{depth}', 'aux')\n"
          "  model = checkpoint.load_meta(path(f'expanded_d{depth}'))['model']\n"
          "  train(f'descendant_d{depth}', S['ft_steps'], model, lr=1e-3, warmup=0,\n"
          "        init_from=path(f'expanded_d{depth}'))\n"
-         "  record(f'descendant d{depth}, fine-tuned', f'descendant_d{depth}')"),
+         "  record(f'descendant d{depth}, fine-tuned', f'descendant_d{depth}', f'expanded_d{depth}')"),
     md("## 3. Compress the deeper descendant with `lowrank_svd`\n\n"
        "Every block Dense becomes two factors of rank `floor(d_in d_out / (2 (d_in + d_out)))` (ratio 2)."),
     code("deep = max(S['depths'])\n"
          "transform('lowrank', 'lowrank_svd', [f'descendant_d{deep}'], ratio=2.0)\n"
-         "record(f'd{deep} low-rank (ratio 2)', 'lowrank')"),
+         "record(f'd{deep} low-rank (ratio 2)', 'lowrank', f'descendant_d{deep}')"),
     md("## 4. Fine-tune two copies of the compressed model and soup them"),
     code("low_model = checkpoint.load_meta(path('lowrank'))['model']\n"
          "for seed in (0, 1):\n"
-         "  train(f'lowrank_ft{seed}', S['ft_steps'], low_model, seed=seed, lr=1e-3, warmup=0, "
+         "  # PELA's recovery recipe (ml_collections_configs/pela.py): a lower peak rate after a short warm-up\n"
+         "  train(f'lowrank_ft{seed}', S['ft_steps'], low_model, seed=seed, lr=5e-4, warmup=10, "
          "init_from=path('lowrank'))\n"
-         "  record(f'd{deep} low-rank, fine-tune seed {seed}', f'lowrank_ft{seed}')\n"
+         "  record(f'd{deep} low-rank, fine-tune seed {seed}', f'lowrank_ft{seed}', 'lowrank')\n"
          "transform('soup', 'uniform_soup', ['lowrank_ft0', 'lowrank_ft1'])\n"
-         "record(f'd{deep} low-rank, soup of the two', 'soup')"),
+         "record(f'd{deep} low-rank, soup of the two', 'soup', 'lowrank_ft0', 'lowrank_ft1')"),
     md("## 5. Accuracy against parameters"),
     code("display(Markdown('| model | params | test accuracy |\\n|---|---:|---:|\\n' + '\\n'.join(\n"
          "    f\"| {r['model']} | {r['params']:,} | {r['accuracy']:.4f} |\" for r in rows)))\n"
-         "fig, ax = plt.subplots(figsize=(7, 4))\n"
-         "for r in rows:\n"
-         "  ax.scatter(r['params'], r['accuracy'], s=30)\n"
-         "  ax.annotate(r['model'], (r['params'], r['accuracy']), fontsize=7, xytext=(4, 2),\n"
-         "              textcoords='offset points')\n"
+         "fig, ax = plt.subplots(figsize=(9, 4))\n"
+         "at = {r['name']: (r['params'], r['accuracy']) for r in rows}\n"
+         "for r in rows:  # an arrow from each model to what was made from it\n"
+         "  for p in r['parents']:\n"
+         "    ax.annotate('', xy=at[r['name']], xytext=at[p], arrowprops=dict(arrowstyle='->', color='0.6', lw=0.8))\n"
+         "for r, marker in zip(rows, 'os^Dv<>pPX*h'):\n"
+         "  ax.scatter(*at[r['name']], s=40, marker=marker, zorder=3, label=f\"{r['model']} ({r['accuracy']:.3f})\")\n"
+         "ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))\n"
          "ax.set_xlabel('stored parameters'); ax.set_ylabel('test accuracy (digits)'); ax.grid(alpha=0.3)\n"
          "ax.set_title(f'jaxlab tour ({SCALE} settings)')\n"
          "plt.tight_layout(); plt.show()"),
