@@ -104,7 +104,14 @@ cells = header_cells("getting_started.ipynb", "jaxlab: getting started") + [
         "    a.imshow(img[..., 0], cmap='gray'); a.axis('off')\n"
         "    a.set_title(f'{p} ({y})', color='k' if p == y else 'r')\n"
         "plt.tight_layout()"),
+    nbf.v4.new_markdown_cell("## Version stamp\n\nThe code that produced the outputs above."),
+    nbf.v4.new_code_cell(
+        "print('jaxlab', jaxlab.__version__, '| code', checkpoint.code_version(), '| jax', jax.__version__, "
+        "'| backend', BACKEND)"),
 ]
+for i, cell in enumerate(cells):
+  cell.id = f"c{i:02d}"  # stable ids: regenerating a notebook changes only what changed
+
 KERNEL = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
 
 if __name__ == "__main__":

@@ -122,5 +122,8 @@ cells = header_cells("tour.ipynb", "A tour of jaxlab: learngene -> descendants -
          "'| backend', BACKEND)"),
 ]
 
+for i, cell in enumerate(cells):
+  cell.id = f"c{i:02d}"  # stable ids: regenerating a notebook changes only what changed
+
 if __name__ == "__main__":
   nbf.write(nbf.v4.new_notebook(cells=cells, metadata=KERNEL), "colabs/tour.ipynb")
