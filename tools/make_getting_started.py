@@ -1,5 +1,6 @@
-"""Writes colabs/getting_started.ipynb (run: python tools/make_getting_started.py); `header_cells` is the badge and
-setup cell every notebook in colabs/ starts with."""
+"""Writes colabs/getting_started.ipynb without outputs (run: python tools/make_getting_started.py; then execute it at
+its default settings and commit it with its outputs); `header_cells` is the badge and setup cell every notebook in
+colabs/ starts with."""
 
 import nbformat as nbf
 
