@@ -297,16 +297,15 @@ def figure(path: str, draw: Callable, ncols: int = 1, size: tuple[float, float] 
   """Draws `draw(axes)` with matplotlib's Agg backend into `path`. `axes` as `plt.subplots(nrows, ncols)` gives
   them: one Axes for 1 x 1, a 1-D array when one of `nrows`/`ncols` is 1, else a 2-D array [row, col]; `size`
   is one panel's (width, height)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows))
+  # A pyplot-free Figure renders with Agg without switching the process's backend (a notebook keeps inline plots).
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(size[0] * ncols, size[1] * nrows))
+  axes = fig.subplots(nrows, ncols, squeeze=True)
   draw(axes)
   for ax in np.atleast_1d(axes).ravel():
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
