@@ -71,10 +71,10 @@ def svd_time(reps: int, torch_threads: int) -> None:
   cfg = dict(name="vit", size="B", patch_size=16, pool="cls")
   lr_cfg = {**cfg, "name": "lowrank_vit", "ratio": 2.0}
   shape = (224, 224, 3)
-  abstract = lowrank_vit.abstract_params(cfg, 1000, shape)
+  abstract = build.abstract_params(cfg, 1000, shape)
   rng = np.random.default_rng(0)
   dense = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.02), abstract)
-  target = lowrank_vit.abstract_params(lr_cfg, 1000, shape)
+  target = build.abstract_params(lr_cfg, 1000, shape)
   n = trees.count(dense)
   print(f"\n== lowrank_svd on a ViT-B-sized tree of random weights ({n:,} params, ratio 2, 12 x 4 matrices)")
   t0 = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -70,3 +71,13 @@ def abstract_variables(module, input_shape, input_dtype=np.float32) -> dict:
 
 def parameterization(param_cfg, model_cfg=None):
   return parameterizations.build(to_dict(param_cfg), to_dict(model_cfg))
+
+
+def abstract_params(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> dict:
+  """ShapeDtypeStruct tree of a model config's params via `jax.eval_shape` (allocates no weights)."""
+  return abstract_variables(model(model_cfg, num_classes), tuple(input_shape))["params"]
+
+
+def count_params(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> int:
+  """Number of parameters of a model config, computed from shapes only."""
+  return int(sum(math.prod(s.shape) for s in jax.tree.leaves(abstract_params(model_cfg, num_classes, input_shape))))

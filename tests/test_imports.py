@@ -4,9 +4,10 @@ The graph is built from the source with `ast`, without importing anything. Nodes
 (`jaxlab.models.vit`; a package is its `__init__`). An edge `a -> b` is any `import` or `from ... import` in `a`
 (at module level or inside a function: a function-local import is a cycle postponed, not removed) that resolves
 to module `b`: `from jaxlab.models import vit` points at `jaxlab.models.vit` when that is a module, else at
-`jaxlab.models`. Importing `jaxlab.models.vit` also runs `jaxlab/models/__init__.py` first; that implicit edge to
-the parent package is not counted, so a package may import its own submodules (to register them) while those
-submodules import their siblings. Imports under `if TYPE_CHECKING:` never run and are not counted. A registry's
+`jaxlab.models`. Importing `jaxlab.models.vit` also runs `jaxlab/models/__init__.py` first: that implicit edge to
+a parent package counts, except from a module inside that package (its `__init__` is already running or done), so
+a package may import its own submodules (to register them) while those submodules import their siblings.
+Imports under `if TYPE_CHECKING:` never run and are not counted. A registry's
 discovery (`jaxlab.registry.Registry.discover`: `importlib` by name, at the first lookup) is not an edge either:
 every plug-in imports its registry to register, and the registry imports its plug-ins only after every module
 involved has finished loading; that is the plug-in mechanism, not a cycle to break.
@@ -78,6 +79,10 @@ def import_graph(package_dir: str, package: str) -> dict[str, set[str]]:
         targets.append(base)
       elif not names:  # `import a.b.c` runs a.b.c (counted) and its parents (not counted, as for every import)
         pass
+      for t in list(targets):  # the parent packages the import runs first, unless `name` lives inside them
+        parts = t.split(".")
+        targets += [p for p in (".".join(parts[:i]) for i in range(1, len(parts)))
+                    if p in mods and not name.startswith(p + ".")]
       edges |= {t for t in targets if t != name}
     graph[name] = edges
   return graph
@@ -135,6 +140,11 @@ def test_planted_cycles_are_found(tmp_path):
   # A function-local import back from b to a (relative form) closes a cycle.
   _write(tmp_path, {"pkg/b.py": "def f():\n  from . import a\n  return a\n"})
   assert find_cycle(import_graph(str(tmp_path / "pkg"), "pkg")) == ["pkg.a", "pkg.b", "pkg.a"]
+  # An outside module importing a submodule runs the package's __init__ first, which imports a module that
+  # imports the outside one back: a cycle through the parent package.
+  _write(tmp_path, {"q/__init__.py": "", "q/sub/__init__.py": "from q.sub import a, reg\n", "q/sub/reg.py": "",
+                    "q/sub/a.py": "def f():\n  from q import x\n  return x\n", "q/x.py": "from q.sub import reg\n"})
+  assert find_cycle(import_graph(str(tmp_path / "q"), "q")) is not None
   # A submodule importing a name from its package's __init__, which imports the submodule: a cycle.
   _write(tmp_path, {"pkg/b.py": "", "pkg/sub/c.py": "from pkg import helper\n",
                     "pkg/__init__.py": "from pkg import a, b\nfrom pkg.sub import c\nhelper = 1\n"})

@@ -41,7 +41,7 @@ def dense():
 def _compress(params, **lr_cfg):
   cfg = {**TINY, "name": "lowrank_vit", **lr_cfg}
   module = build.model(cfg, 10)
-  target = lowrank_vit.abstract_params(cfg, 10, INPUT)
+  target = build.abstract_params(cfg, 10, INPUT)
   out, err, dropped = lowrank.compress_params(params, target)
   return module, out, err, dropped
 
@@ -98,10 +98,10 @@ def test_deit_b_ranks_and_param_count_without_allocating():
   cfg = dict(name="lowrank_vit", size="B", patch_size=16, pool="cls", ratio=2.0)
   assert lowrank_vit.layer_ranks(cfg) == {"blocks/attn/qkv": 288, "blocks/attn/proj": 192,
                                           "blocks/mlp/fc1": 307, "blocks/mlp/fc2": 307}
-  abstract = lowrank_vit.abstract_params(cfg, 1000, (224, 224, 3))  # jax.eval_shape: no weights
+  abstract = build.abstract_params(cfg, 1000, (224, 224, 3))  # jax.eval_shape: no weights
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
-  n_low = lowrank_vit.count_params(cfg, 1000, (224, 224, 3))
-  n_dense = lowrank_vit.count_params({**cfg, "name": "vit", "ratio": None}, 1000, (224, 224, 3))
+  n_low = build.count_params(cfg, 1000, (224, 224, 3))
+  n_dense = build.count_params({**cfg, "name": "vit", "ratio": None}, 1000, (224, 224, 3))
   assert n_dense == 86_567_656
   assert n_low == 44_081_896  # about 44.1 M
   assert trees.flatten(abstract)["blocks/mlp/fc1/u"].shape == (12, 768, 307)

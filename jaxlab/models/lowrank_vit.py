@@ -38,7 +38,6 @@ import re
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxlab import trees
@@ -175,18 +174,6 @@ def layer_ranks(model_cfg) -> dict[str, int]:
   shapes = {"qkv": (width, 3 * width), "proj": (width, width), "fc1": (width, mlp), "fc2": (mlp, width)}
   return {LAYER_PATHS[n]: rank_for(a, b, factory.ratio, factory.rank) for n, (a, b) in shapes.items()
           if factory.factorized(n)}
-
-
-def abstract_params(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> dict:
-  """ShapeDtypeStruct tree of a model's params via `jax.eval_shape` (allocates no weights)."""
-  from jaxlab import build
-  module = build.model(model_cfg, num_classes)
-  return build.abstract_variables(module, tuple(input_shape))["params"]
-
-
-def count_params(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> int:
-  """Number of parameters of a model config, computed from shapes only."""
-  return int(sum(math.prod(s.shape) for s in jax.tree.leaves(abstract_params(model_cfg, num_classes, input_shape))))
 
 
 def forward_flops(params) -> float:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab import transforms, trees
+from jaxlab import build, transforms, trees
 from jaxlab.models import lowrank_vit
 
 
@@ -146,7 +146,7 @@ def lowrank_svd(inputs: list, *, ratio: float = 2.0, keep_dense: tuple = lowrank
   new_cfg = {**model_cfg, "name": "lowrank_vit", "ratio": float(ratio), "rank": int(rank),
              "keep_dense": list(keep_dense)}
   data = src.meta["data"]
-  target = lowrank_vit.abstract_params(new_cfg, data["num_classes"], tuple(data["input_shape"]))
+  target = build.abstract_params(new_cfg, data["num_classes"], tuple(data["input_shape"]))
   dense = src.params
   params, errors, dropped = compress_params(dense, target)
   n_before, n_after = trees.count(dense), trees.count(params)
