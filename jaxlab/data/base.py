@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -268,3 +269,13 @@ def image_augment(shift: int = 0, noise: float = 0.0, flip: bool = False):
     return {**batch, "inputs": x.astype(np.float32)}
 
   return augment
+
+
+def cache_dir(cfg, kind: str) -> str:
+  """Where a generated data set `kind` is cached: `data.cache_dir` > `$JAXLAB_CACHE/<kind>` >
+  `~/.cache/jaxlab/<kind>`."""
+  d = (cfg.get("cache_dir") if cfg is not None and hasattr(cfg, "get") else None) or ""
+  if not d:
+    root = os.environ.get("JAXLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxlab")
+    d = os.path.join(root, kind)
+  return os.path.abspath(os.path.expanduser(d))

@@ -111,11 +111,7 @@ def generator_args(cfg=None) -> dict:
 
 def cache_dir(cfg=None) -> str:
   """Where generated arrays are cached: `data.cache_dir` > `$JAXLAB_CACHE/mnist1d` > `~/.cache/jaxlab/mnist1d`."""
-  d = (cfg.get("cache_dir") if cfg is not None and hasattr(cfg, "get") else None) or ""
-  if not d:
-    root = os.environ.get("JAXLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxlab")
-    d = os.path.join(root, "mnist1d")
-  return os.path.abspath(os.path.expanduser(d))
+  return base.cache_dir(cfg, "mnist1d")
 
 
 def _cache_key(args: dict) -> str:

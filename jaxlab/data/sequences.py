@@ -164,11 +164,7 @@ LISTOPS_CACHE_MIN_TOKENS = 10_000_000
 
 def listops_cache_dir(cfg=None) -> str:
   """Where large ListOps sets are cached: `data.cache_dir` > `$JAXLAB_CACHE/listops` > `~/.cache/jaxlab/listops`."""
-  d = (cfg.get("cache_dir") if cfg is not None and hasattr(cfg, "get") else None) or ""
-  if not d:
-    root = os.environ.get("JAXLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxlab")
-    d = os.path.join(root, "listops")
-  return os.path.abspath(os.path.expanduser(d))
+  return base.cache_dir(cfg, "listops")
 
 
 def _cached_listops(cfg, n: int, **kw) -> tuple[np.ndarray, np.ndarray]:
