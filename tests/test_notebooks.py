@@ -1,5 +1,6 @@
-"""Every notebook in colabs/ runs headless on smoke settings (JAXLAB_SMOKE=1), opens in Colab, and its committed
-outputs (where it has any) carry a figure and the version stamp of the code that made them."""
+"""Every notebook in colabs/ runs headless on smoke settings (JAXLAB_SMOKE=1), opens in Colab, and is committed
+with the outputs of one run at its default settings (tools/record_notebooks.py): a figure and the version stamp of
+the code that made them."""
 
 import glob
 import json
@@ -42,14 +43,15 @@ def _outputs(path):
   return [o for c in _cells(path) if c["cell_type"] == "code" for o in c.get("outputs", [])]
 
 
-RECORDED = [p for p in NOTEBOOKS if _outputs(p)]
-
-
-@pytest.mark.parametrize("path", RECORDED, ids=[os.path.basename(p) for p in RECORDED])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_recorded_outputs(path):
-  """Committed outputs: no errors, a PNG figure of modest size, no machine paths, this release's version stamp."""
+  """Every notebook is committed with outputs of one top-to-bottom run: every code cell executed in order, no
+  errors, a PNG figure of modest size, no machine paths, this release's version stamp."""
   import jaxlab
   outs = _outputs(path)
+  assert outs, "no recorded outputs: run tools/record_notebooks.py " + os.path.basename(path)
+  counts = [c.get("execution_count") for c in _cells(path) if c["cell_type"] == "code"]
+  assert counts == list(range(1, len(counts) + 1)), f"not one in-order run of every code cell: {counts}"
   assert not [o for o in outs if o["output_type"] == "error"]
   pngs = [o["data"]["image/png"] for o in outs if "image/png" in o.get("data", {})]
   assert pngs and all(len("".join(p)) < 400_000 for p in pngs)
