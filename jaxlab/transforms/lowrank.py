@@ -161,7 +161,8 @@ def lowrank_svd(inputs: list, *, ratio: float = 2.0, keep_dense: tuple = lowrank
       "relative_error": {k: float(np.mean(v)) for k, v in by_type.items()},
       "dropped_singular_norm": dropped,
   }
-  print(f"lowrank_svd(ratio={ratio:g}): params {n_before:,} -> {n_after:,} "
+  rule = f"rank={int(rank)}" if rank else f"ratio={ratio:g}"
+  print(f"lowrank_svd({rule}): params {n_before:,} -> {n_after:,} "
         f"({100 * report['kept_fraction']:.1f}% kept); relative error "
         + ", ".join(f"{k} {v:.4f} (rank {report['ranks'].get(_full(k, errors), '?')})"
                     for k, v in report["relative_error"].items()), flush=True)
