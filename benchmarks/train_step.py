@@ -9,6 +9,11 @@ both alike; it prints each round, the median and range of each, and the median o
     python benchmarks/train_step.py --breakdown          # + building blocks timed in both frameworks
     python benchmarks/train_step.py --memory --size B    # + XLA's memory analysis with and without remat
     python benchmarks/train_step.py --host_devices 2     # data parallel over 2 host devices (batch split)
+    python benchmarks/train_step.py --host_devices 2 --malloc_hugepages --remat dots_saveable --scan_unroll 12
+                                                         # the fast CPU recipe (docs/performance.md)
+
+PyTorch runs in a worker process of its own, driven round by round over a pipe, so that jaxlab-only process
+settings (`--host_devices`, `--malloc_hugepages`) leave it as it was started.
 
 Accelerator (the default when jax's backend is a GPU or TPU): ViT-S and ViT-B, bfloat16 compute (float32
 master weights), 224x224 images in 16x16 patches (196 tokens), 1000 classes, batch 256; prints examples/s,
@@ -249,6 +254,69 @@ def torch_runner(a, size):
   return run, torch.__version__, torch.get_num_threads()
 
 
+_TUNABLES_MARK = "_JAXLAB_BENCH_SET_TUNABLES"  # set when this script put GLIBC_TUNABLES into its own environment
+_HUGEPAGES = "glibc.malloc.hugetlb=1"
+
+
+def torch_env() -> dict:
+  """The PyTorch worker's environment: this process's, less what the script set for jaxlab alone.
+
+  `--host_devices` (XLA_FLAGS) never reaches the worker; `--malloc_hugepages` is jaxlab's setting only when the
+  script set it (a GLIBC_TUNABLES given by the caller applies to both sides).
+  """
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  if env.pop(_TUNABLES_MARK, None):
+    env.pop("GLIBC_TUNABLES", None)
+  return env
+
+
+class TorchWorker:
+  """`torch_runner` in a process of its own (`torch_env()`), driven round by round over a pipe.
+
+  So jaxlab-only process settings (host devices, glibc malloc tunables, which must be set before a process
+  starts) do not touch PyTorch, and the rounds still alternate with jaxlab's.
+  """
+
+  def __init__(self, a, size):
+    import json
+    import subprocess
+
+    args = json.dumps({"batch": a.batch, "image": a.image, "patch": a.patch, "classes": a.classes, "size": size})
+    self.proc = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), "--_torch_worker", args],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      env=torch_env(),
+    )
+    first = self.proc.stdout.readline().split()
+    if not first or first[0] != "ready":
+      self.proc.wait()
+      raise ImportError("the PyTorch worker did not start (is torch installed? pip install -e '.[bench]')")
+    self.version, self.threads = first[1], int(first[2])
+
+  def __call__(self, n: int) -> float:
+    self.proc.stdin.write(f"{n}\n")
+    self.proc.stdin.flush()
+    return float(self.proc.stdout.readline())
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def torch_worker_main(spec: str) -> None:
+  """The worker's loop: build the PyTorch step, answer each line `n` with the seconds of `n` steps."""
+  import json
+
+  d = json.loads(spec)
+  run, version, threads = torch_runner(argparse.Namespace(**d), d["size"])
+  print("ready", version, threads, flush=True)
+  for line in sys.stdin:
+    print(run(int(line)), flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------
@@ -358,6 +426,12 @@ def parse_args(argv=None):
     default=0,
     help="CPU: split the batch over this many host devices (XLA_FLAGS host device count)",
   )
+  ap.add_argument(
+    "--malloc_hugepages",
+    action="store_true",
+    help=f"CPU: run jaxlab's side with GLIBC_TUNABLES={_HUGEPAGES} (the script restarts itself with it; "
+    "PyTorch's worker process keeps the environment it was started with)",
+  )
   ap.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (default: looked up)")
   ap.add_argument(
     "--variants",
@@ -374,7 +448,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["--_torch_worker"]:
+    return torch_worker_main(argv[1])
   a = parse_args(argv)
+  if a.malloc_hugepages and _HUGEPAGES not in os.environ.get("GLIBC_TUNABLES", ""):
+    # glibc reads its tunables when a process starts: restart this script with them, jaxlab's side only.
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES", ""), _HUGEPAGES) if t)
+    env[_TUNABLES_MARK] = "1"
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
   if a.host_devices > 1:  # must be set before jax initialises its backends
     os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={a.host_devices}"
@@ -397,7 +480,8 @@ def main(argv=None):
   print(
     f"device: {kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}; batch {a.batch}, "
     f"{tokens} tokens, compute {a.dtype or 'float32'}, remat {a.remat or 'none'}, scan_unroll {a.scan_unroll}, "
-    f"attention {a.attention_impl or 'auto'}; {a.repeats} rounds of {a.steps} steps",
+    f"attention {a.attention_impl or 'auto'}; {a.repeats} rounds of {a.steps} steps"
+    + (f"; GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}" if os.environ.get("GLIBC_TUNABLES") else ""),
     flush=True,
   )
   for size in a.sizes:
@@ -411,13 +495,19 @@ def main(argv=None):
     runners = {"jaxlab": jrun}
     for item in [v for v in a.variants.split(";") if v]:  # other jaxlab settings, timed in the same rounds
       runners[f"jaxlab {item}"] = jaxlab_runner(_variant(a, item), size)[0]
+    worker = None
     if not a.jax_only:
       try:
-        trun, tv, threads = torch_runner(a, size)
-        runners["pytorch"] = trun
-        print(f"PyTorch {tv} eager, {threads} threads", flush=True)
-      except ImportError:
-        print("torch is not installed (pip install -e '.[bench]'): jaxlab only")
+        worker = TorchWorker(a, size)
+        runners["pytorch"] = worker
+        print(
+          f"PyTorch {worker.version} eager, {worker.threads} threads, in its own process "
+          f"(GLIBC_TUNABLES={torch_env().get('GLIBC_TUNABLES', '')!r}); jaxlab: "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+          flush=True,
+        )
+      except ImportError as e:
+        print(f"{e}: jaxlab only")
     rates = {k: [] for k in runners}
     for r in range(a.repeats):
       for k, run in runners.items():
@@ -433,6 +523,8 @@ def main(argv=None):
         ratios = [j / t for j, t in zip(v, rates["pytorch"], strict=True)]
         line += f";  / pytorch: median {statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
       print(line, flush=True)
+    if worker is not None:
+      worker.close()
     if a.memory:
       memory_report(a, size)
   if a.breakdown:

@@ -231,6 +231,8 @@ def test_benchmark_cpu_path_runs():
       "--memory_remats=nothing_saveable",
       "--jax_only",
       "--memory",
+      "--host_devices=2",  # the fast CPU recipe's process settings: 2 host devices, restart with glibc tunables
+      "--malloc_hugepages",
     ],
     capture_output=True,
     text=True,
@@ -240,3 +242,19 @@ def test_benchmark_cpu_path_runs():
   )
   assert r.returncode == 0, r.stderr
   assert "examples/s" in r.stdout and "peak memory" in r.stdout, r.stdout
+  assert "cpu x2" in r.stdout and "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in r.stdout, r.stdout
+
+
+def test_benchmark_torch_worker_env(monkeypatch):
+  """PyTorch's worker process gets neither jaxlab's host devices nor the tunables the script itself set."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import train_step as bench
+
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  monkeypatch.delenv(bench._TUNABLES_MARK, raising=False)
+  env = bench.torch_env()
+  assert "XLA_FLAGS" not in env and env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"  # the caller's: both sides
+  monkeypatch.setenv(bench._TUNABLES_MARK, "1")
+  env = bench.torch_env()
+  assert "GLIBC_TUNABLES" not in env and bench._TUNABLES_MARK not in env
