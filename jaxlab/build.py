@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab import parameterizations
+from jaxlab import parameterizations, trees
 from jaxlab.models import registry as model_registry  # not `jaxlab.models`: model modules import this one
 
 
@@ -80,4 +79,4 @@ def abstract_params(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -
 
 def count_params(model_cfg, num_classes: int, input_shape: tuple[int, ...]) -> int:
   """Number of parameters of a model config, computed from shapes only."""
-  return int(sum(math.prod(s.shape) for s in jax.tree.leaves(abstract_params(model_cfg, num_classes, input_shape))))
+  return trees.count(abstract_params(model_cfg, num_classes, input_shape))

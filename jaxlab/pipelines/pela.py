@@ -15,20 +15,13 @@ import os
 import ml_collections
 import numpy as np
 
-from jaxlab import checkpoint, data, evaluate, pipelines, trees
+from jaxlab import checkpoint, evaluate, pipelines, trees
 from jaxlab.experiments import Experiment, Report, TrainStage, TransformStage, aggregate, errorbars, lookup, pm
 from jaxlab.experiments.measure import interleaved_throughput
 from jaxlab.losses import diagnostics
 from jaxlab.models.lowrank_vit import forward_flops
 
 VARIANTS = {"svd_ft": (False, False), "pela_fd": (True, False), "pela_fd_wp": (True, True)}  # (distill, perturb)
-
-
-def predictions(path: str) -> np.ndarray:
-  """Test-split class predictions of a checkpoint."""
-  ds = data.get_dataset((ld := checkpoint.load(path)).meta["data"]["config"], ld.meta)
-  return np.concatenate([np.argmax(ld.apply(ds.device_preprocess(b)["inputs"]), -1)[np.asarray(b["mask"]) > 0]
-                         for b in ds.eval_batches("test", 512)])  # the last batch is padded with mask 0
 
 
 def student(p, name, seed, model, init, teacher, fd=False, wp=None) -> TrainStage:
@@ -53,7 +46,7 @@ def run(config, workdir: str) -> dict:
     acc = (summ or {}).get("test_accuracy") or evaluate.evaluate_checkpoint(path, "test")["accuracy"]
     paths.setdefault((name, ratio), path)
     rows.append({"name": name, "ratio": float(ratio), "seed": seed, "test_acc": float(acc), "workdir": path,
-                 "params": trees.count(checkpoint.load(path).params), "pred": predictions(path), **kw})
+                 "params": trees.count(checkpoint.load(path).params), "pred": exp.predictions(path), **kw})
 
   for seed in p.seeds:
     sd, dense = f"seed{seed}", p.teacher_path or exp.path(f"seed{seed}/dense")
