@@ -104,7 +104,7 @@ elif variant == "jaxlab_import_job":
   import ml_collections
   jobs.run_import(ml_collections.ConfigDict(dict(source=src, num_heads=12)), os.path.join(work, "ckpt"))
 elif variant == "jaxlab_export":
-  loaded = checkpoint.load(os.path.join(work, "ckpt"))
+  loaded = checkpoint.load(os.path.join(work, "ckpt"), host=True)  # as the export job
   tensors, meta = jobs.export_tensors(loaded, "timm")
   jobs.write_safetensors(tensors, os.path.join(work, "export.safetensors"), meta)
 elif variant == "torch_load_file":

@@ -314,23 +314,40 @@ def abstract_weights(meta: dict, sharding=None) -> dict:
   return tree
 
 
-def load(path: str, step: int | None = None, sharding=None) -> Loaded:
+def load(path: str, step: int | None = None, sharding=None, host: bool = False) -> Loaded:
   """Loads a checkpoint's weights and rebuilds its model from meta alone.
+
+  Args:
+    path: a workdir or its `checkpoints` folder.
+    step: the step to load (the latest when None).
+    sharding: where the arrays go (one sharding, or a tree of them; the first local device when None).
+    host: the weights as numpy arrays in host memory instead of jax arrays (`sharding` must then be None): for
+      jobs that only read them on the host, such as the export. Orbax hands over the arrays it read, with no
+      copy onto a device, which is faster and lowers the peak memory (a ViT-B: +0.55 GB instead of +0.62-0.65
+      GB for 0.35 GB of weights).
 
   Raises:
     CheckpointError: missing checkpoint, or weights that do not fit the model in meta.
   """
+  if host and sharding is not None:
+    raise ValueError("checkpoint.load: give either sharding or host=True, not both")
   cdir, step = resolve(path, step)
   meta = load_meta(path, step)
   try:
     target = abstract_weights(meta, sharding)
   except Exception as e:
     raise CheckpointError(f"{path}: cannot rebuild the model from its meta ({e})") from e
+  if host:
+    handler = ocp.PyTreeCheckpointHandler()
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    args = ocp.args.PyTreeRestore(target, restore_args=as_numpy)
+  else:
+    handler, args = ocp.StandardCheckpointHandler(), ocp.args.StandardRestore(target)
   # The weights item alone, through a plain checkpointer: a read-only CheckpointManager would log two warnings
   # on every load, and nothing here needs the manager's step bookkeeping.
-  ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  ckptr = ocp.Checkpointer(handler)
   try:
-    weights = ckptr.restore(os.path.join(cdir, str(step), "weights"), args=ocp.args.StandardRestore(target))
+    weights = ckptr.restore(os.path.join(cdir, str(step), "weights"), args=args)
   except Exception as e:
     raise CheckpointReadError(f"{path} (step {step}): weights do not match the model its meta describes "
                               f"({str(e).splitlines()[0][:300]})") from e

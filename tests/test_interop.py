@@ -163,6 +163,23 @@ def test_export_then_import_round_trips_bitwise(tmp_path):
   assert trees.flatten(imp.theta).keys() == trees.flatten(again.theta).keys()
 
 
+def test_host_load_gives_the_same_bits_as_numpy_arrays(tmp_path):
+  """checkpoint.load(host=True) (what the export job uses): numpy arrays equal bit for bit to the default
+  load's jax arrays, params and batch stats alike, and the same logits; host=True with a sharding is refused."""
+  for name, workdir in (("deit3_ls.safetensors", tmp_path / "vit"), ("wrn_mixturegrowth.pth", tmp_path / "wrn")):
+    on_device = _save(_import(name), workdir)
+    on_host = checkpoint.load(str(workdir), host=True)
+    a = trees.flatten({"theta": on_device.theta, "state": on_device.model_state})
+    b = trees.flatten({"theta": on_host.theta, "state": on_host.model_state})
+    assert a.keys() == b.keys() and any(k.startswith("state/") for k in b) == (name.endswith(".pth"))
+    for k in a:
+      assert type(b[k]) is np.ndarray and b[k].dtype == a[k].dtype and np.array_equal(np.asarray(a[k]), b[k]), k
+    x = np.random.default_rng(0).standard_normal((2, *on_host.meta["data"]["input_shape"])).astype(np.float32)
+    assert np.array_equal(np.asarray(on_device.apply(x)), np.asarray(on_host.apply(x)))
+  with pytest.raises(ValueError, match="either sharding or host=True"):
+    checkpoint.load(str(tmp_path / "vit"), sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]), host=True)
+
+
 def test_lowrank_model_is_refused_for_timm_and_round_trips_as_jaxlab_state_dict(tmp_path):
   from jaxlab import transforms
 

@@ -508,7 +508,7 @@ def run_export(config, workdir: str) -> dict:
       "import job reads back, travels in its metadata)"
     )
   step = int(config.get("step", -1))
-  loaded = checkpoint.load(str(config.checkpoint), None if step < 0 else step)
+  loaded = checkpoint.load(str(config.checkpoint), None if step < 0 else step, host=True)
   tensors, metadata = export_tensors(loaded, fmt)
   if ext == ".safetensors":
     write_safetensors(tensors, out, metadata)
