@@ -339,7 +339,7 @@ def load(path: str, step: int | None = None, sharding=None, host: bool = False) 
     raise CheckpointError(f"{path}: cannot rebuild the model from its meta ({e})") from e
   if host:
     handler = ocp.PyTreeCheckpointHandler()
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    as_numpy = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target)
     args = ocp.args.PyTreeRestore(target, restore_args=as_numpy)
   else:
     handler, args = ocp.StandardCheckpointHandler(), ocp.args.StandardRestore(target)
@@ -353,6 +353,14 @@ def load(path: str, step: int | None = None, sharding=None, host: bool = False) 
                               f"({str(e).splitlines()[0][:300]})") from e
   finally:
     ckptr.close()
+  if host:  # a numpy restore takes the stored shapes: check them against the model, as the jax restore does
+    got, want = trees.flatten(weights), trees.flatten(target)
+    wrong = [n for n in want if n in got and tuple(np.shape(got[n])) != tuple(want[n].shape)]
+    if wrong:
+      n = wrong[0]
+      raise CheckpointReadError(f"{path} (step {step}): weights do not match the model its meta describes "
+                                f"({len(wrong)} arrays, first {n}: stored {list(np.shape(got[n]))}, "
+                                f"model {list(want[n].shape)})")
   module = build.model(meta["model"], meta["data"]["num_classes"])
   param = build.parameterization(meta.get("parameterization"), meta["model"])
   return Loaded(path=os.path.dirname(cdir) if cdir.endswith(CKPT_SUBDIR) else cdir, step=step, meta=meta,

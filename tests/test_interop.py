@@ -178,6 +178,17 @@ def test_host_load_gives_the_same_bits_as_numpy_arrays(tmp_path):
     assert np.array_equal(np.asarray(on_device.apply(x)), np.asarray(on_host.apply(x)))
   with pytest.raises(ValueError, match="either sharding or host=True"):
     checkpoint.load(str(tmp_path / "vit"), sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]), host=True)
+  # weights that do not fit the model in meta (one more class): refused on the host as on the device
+  meta_dir = tmp_path / "vit" / "checkpoints" / "0" / "meta"
+  meta_file = next(f for f in meta_dir.iterdir() if not f.name.startswith("_"))
+  meta = json.loads(meta_file.read_text())
+  meta["data"]["num_classes"] += 1
+  meta_file.write_text(json.dumps(meta))
+  for host in (False, True):
+    with pytest.raises(checkpoint.CheckpointReadError, match="weights do not match the model its meta describes"):
+      checkpoint.load(str(tmp_path / "vit"), host=host)
+  with pytest.raises(checkpoint.CheckpointReadError, match=r"first theta/head/bias: stored \[5\], model \[6\]"):
+    checkpoint.load(str(tmp_path / "vit"), host=True)
 
 
 def test_lowrank_model_is_refused_for_timm_and_round_trips_as_jaxlab_state_dict(tmp_path):
