@@ -9,7 +9,7 @@ both alike; it prints each round, the median and range of each, and the median o
     python benchmarks/train_step.py --breakdown          # + building blocks timed in both frameworks
     python benchmarks/train_step.py --memory --size B    # + XLA's memory analysis with and without remat
     python benchmarks/train_step.py --host_devices 2     # data parallel over 2 host devices (batch split)
-    python benchmarks/train_step.py --host_devices 2 --malloc_hugepages --remat dots_saveable --scan_unroll 12
+    python benchmarks/train_step.py --host_devices 2 --malloc_hugepages --remat nothing_saveable --scan_unroll 12
                                                          # the fast CPU recipe (docs/performance.md)
 
 PyTorch runs in a worker process of its own, driven round by round over a pipe, so that jaxlab-only process

@@ -323,8 +323,8 @@ def load(path: str, step: int | None = None, sharding=None, host: bool = False) 
     sharding: where the arrays go (one sharding, or a tree of them; the first local device when None).
     host: the weights as numpy arrays in host memory instead of jax arrays (`sharding` must then be None): for
       jobs that only read them on the host, such as the export. Orbax hands over the arrays it read, with no
-      copy onto a device, which is faster and lowers the peak memory (a ViT-B: +0.55 GB instead of +0.62-0.65
-      GB for 0.35 GB of weights).
+      copy onto a device, which is faster and lowers the peak memory (a ViT-B's restore: +546 MiB instead of +617-647
+      MiB for 330 MiB of weights).
 
   Raises:
     CheckpointError: missing checkpoint, or weights that do not fit the model in meta.
@@ -353,14 +353,10 @@ def load(path: str, step: int | None = None, sharding=None, host: bool = False) 
                               f"({str(e).splitlines()[0][:300]})") from e
   finally:
     ckptr.close()
-  if host:  # a numpy restore takes the stored shapes: check them against the model, as the jax restore does
-    got, want = trees.flatten(weights), trees.flatten(target)
-    wrong = [n for n in want if n in got and tuple(np.shape(got[n])) != tuple(want[n].shape)]
-    if wrong:
-      n = wrong[0]
-      raise CheckpointReadError(f"{path} (step {step}): weights do not match the model its meta describes "
-                                f"({len(wrong)} arrays, first {n}: stored {list(np.shape(got[n]))}, "
-                                f"model {list(want[n].shape)})")
+  differences = trees.diff(target, weights, sides=("model", "stored")) if host else []
+  if differences:  # a numpy restore takes the stored shapes: checked against the model, as the jax restore does
+    raise CheckpointReadError(trees.mismatch_message(
+      f"{path} (step {step}): weights do not match the model its meta describes", differences))
   module = build.model(meta["model"], meta["data"]["num_classes"])
   param = build.parameterization(meta.get("parameterization"), meta["model"])
   return Loaded(path=os.path.dirname(cdir) if cdir.endswith(CKPT_SUBDIR) else cdir, step=step, meta=meta,

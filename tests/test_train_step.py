@@ -205,8 +205,8 @@ def test_main_refuses_bad_remat(tmp_path):
   assert not wd.exists() or not os.listdir(wd)
 
 
-def test_peak_device_flops_lookup():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+def test_peak_device_flops_lookup(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
   import train_step as bench
 
   assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989.0)
@@ -247,7 +247,7 @@ def test_benchmark_cpu_path_runs():
 
 def test_benchmark_torch_worker_env(monkeypatch):
   """PyTorch's worker process gets neither jaxlab's host devices nor the tunables the script itself set."""
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
   import train_step as bench
 
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
